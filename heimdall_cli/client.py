@@ -1,0 +1,51 @@
+"""A small typed client of the REST api, for the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from shared.settings import Settings
+
+Json = dict[str, Any]
+PREFIX = "/api/v1/training"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: object) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class ApiClient:
+    def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
+        self.http = httpx.Client(base_url=settings.api_url, timeout=timeout)
+
+    def submit(self, body: Json, idempotency_key: str | None = None) -> Json:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", f"{PREFIX}/jobs", json=body, headers=headers)
+
+    def jobs(self, status: str | None, limit: int) -> Json:
+        params: Json = {"limit": limit, **({"status": status} if status else {})}
+        return self._call("GET", f"{PREFIX}/jobs", params=params)
+
+    def job(self, job_id: str) -> Json:
+        return self._call("GET", f"{PREFIX}/jobs/{job_id}")
+
+    def command(self, job_id: str, action: str) -> Json:
+        return self._call("POST", f"{PREFIX}/jobs/{job_id}/{action}")
+
+    def events(self, job_id: str) -> Json:
+        return self._call("GET", f"{PREFIX}/jobs/{job_id}/events")
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Json:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        result: Json = response.json() if response.content else {}
+        return result

@@ -1,0 +1,154 @@
+"""`heimdall`: run the services, talk to a running api, train standalone, replay the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from heimdall_cli.client import ApiClient, ApiError
+from shared.settings import Settings
+
+app = typer.Typer(help="Heimdall Training: submit, watch and audit training jobs.",
+                  no_args_is_help=True)
+dataset_app = typer.Typer(help="Datasets on disk.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+console = Console()
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def up() -> None:
+    """Run api, projector and trainer in one process on the embedded default."""
+    from services.runtime import serve_embedded
+
+    _logging()
+    serve_embedded(Settings())
+
+
+@app.command()
+def api() -> None:
+    """Run the api alone (its projector runs as `heimdall projector`)."""
+    from services.runtime import serve
+
+    _logging()
+    serve(Settings(), with_projector=False)
+
+
+@app.command()
+def projector() -> None:
+    """Run the projector alone."""
+    from services.runtime import run_projector
+
+    _logging()
+    run_projector(Settings())
+
+
+@app.command()
+def trainer() -> None:
+    """Run one trainer: it takes runnable jobs from the work queue, one at a time."""
+    from services.runtime import run_trainer
+
+    _logging()
+    run_trainer(Settings())
+
+
+def _load_config(path: Path) -> Any:
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+def _fail(error: ApiError) -> None:
+    console.print(f"[red]error {error.status}[/red]: {error.detail}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    config: Annotated[Path | None, typer.Argument(exists=True, dir_okay=False)] = None,
+    name: Annotated[str, typer.Option(help="job name")] = "job",
+    description: str = "",
+    epochs: Annotated[int | None, typer.Option(help="override the config's epochs")] = None,
+    model: Annotated[str | None, typer.Option(help="timm architecture")] = None,
+) -> None:
+    """Submit a job from a YAML/JSON config file and/or flags."""
+    body = _load_config(config) if config else {}
+    body = body if "config" in body else {"config": body}
+    body.setdefault("job_name", name)
+    body.setdefault("description", description)
+    overrides = {"epochs": epochs, "model_architecture": model}
+    body["config"].update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        job = ApiClient(Settings()).submit(body)
+    except ApiError as error:
+        _fail(error)
+    console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
+
+
+@app.command()
+def jobs(status: str | None = None, limit: int = 50) -> None:
+    """List jobs, newest first."""
+    try:
+        page = ApiClient(Settings()).jobs(status, limit)
+    except ApiError as error:
+        _fail(error)
+    table = Table("id", "name", "status", "epoch", "val loss", "model", "created")
+    for job in page["jobs"]:
+        epoch = f"{job['current_epoch']}/{job['total_epochs']}"
+        table.add_row(job["id"], job["job_name"], job["status"], epoch,
+                      str(job["val_loss"]), job["model_architecture"], job["created_at"])
+    console.print(table)
+    console.print(f"{page['total']} jobs")
+
+
+def _command(job_id: str, action: str) -> None:
+    try:
+        job = ApiClient(Settings()).command(job_id, action)
+    except ApiError as error:
+        _fail(error)
+    console.print(f"{job['job_id']}: {job['message']}")
+
+
+@app.command()
+def pause(job_id: str) -> None:
+    """Pause a job at its next step boundary."""
+    _command(job_id, "pause")
+
+
+@app.command()
+def resume(job_id: str) -> None:
+    """Resume a paused job from its checkpoint."""
+    _command(job_id, "resume")
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job."""
+    _command(job_id, "cancel")
+
+
+@app.command()
+def replay() -> None:
+    """Rebuild the read tables from the store into fresh tables; exit 1 if they differ."""
+    from services.projector.replay import replay as run_replay
+    from shared.bootstrap import build_app, build_read_store
+
+    settings = Settings()
+    report = run_replay(build_app(settings), build_read_store(settings), settings)
+    for line in report.differences[:50]:
+        console.print(f"[red]{line}[/red]")
+    verdict = "[green]equal[/green]" if report.equal else "[red]DIFFERENT[/red]"
+    console.print(
+        f"replayed {report.events} events up to position {report.position}: "
+        f"{report.jobs} jobs, {report.metrics} metric rows; live tables {verdict}"
+    )
+    raise typer.Exit(0 if report.equal else 1)

@@ -1,0 +1,51 @@
+"""Builds the api: routes, error mapping, limits, and the services that share its loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from services.api import errors
+from services.api.deps import ApiContext
+from services.api.limits import BodyLimit
+from services.api.routes import events, health, jobs
+
+log = logging.getLogger(__name__)
+Background = Callable[[asyncio.Event], Awaitable[None]]
+
+
+def create_app(context: ApiContext, background: Sequence[Background] = ()) -> FastAPI:
+    """The FastAPI app; `background` services (projector, trainer) run on its event loop."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        await context.bus.start()
+        tasks = [asyncio.create_task(service(stop)) for service in background]
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await context.bus.stop()
+
+    app = FastAPI(
+        title="Heimdall Training", version="0.1.0", lifespan=lifespan,
+        description="Submit, watch, pause, resume, cancel and audit training jobs.",
+    )
+    app.state.context = context
+    app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
+    errors.install(app)
+    for module in (jobs, events, health):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app

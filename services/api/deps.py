@@ -1,0 +1,50 @@
+"""What routes depend on, as `Annotated` aliases; built once in `create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import Depends, Request
+
+from shared.application import JobNotFoundError, TrainingJobs
+from shared.bus import Bus
+from shared.readmodel.store import ReadStore
+from shared.settings import Settings
+
+
+@dataclass
+class ApiContext:
+    """The api's collaborators: the event store app, the read store and the bus."""
+
+    settings: Settings
+    jobs: TrainingJobs
+    reads: ReadStore
+    bus: Bus
+    after_command: Callable[[], None] = field(default=lambda: None)
+
+
+def get_context(request: Request) -> ApiContext:
+    context = request.app.state.context
+    assert isinstance(context, ApiContext)
+    return context
+
+
+def get_actor() -> str:
+    """The authenticated name; `anonymous` until api keys are configured."""
+    return "anonymous"
+
+
+def parse_job_id(job_id: str) -> UUID:
+    """Ids are opaque to clients: anything that is not one of ours is simply not found."""
+    try:
+        return UUID(job_id)
+    except ValueError:
+        raise JobNotFoundError(f"job {job_id} not found") from None
+
+
+ContextDep = Annotated[ApiContext, Depends(get_context)]
+ActorDep = Annotated[str, Depends(get_actor)]
+JobIdDep = Annotated[UUID, Depends(parse_job_id)]

@@ -1,0 +1,77 @@
+"""Domain and infrastructure errors mapped to responses; no traceback reaches a client."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import psycopg_pool
+from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from shared.application import IdempotencyConflictError, JobNotFoundError
+from shared.domainmodel import TrainingJobError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = "5"
+OUTAGES = (
+    psycopg.OperationalError, psycopg_pool.PoolTimeout, OperationalError,
+    StoreInterfaceError, IntegrityError, ConnectionError, TimeoutError,
+)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(JobNotFoundError, _not_found)
+    app.add_exception_handler(TrainingJobError, _conflict)
+    app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
+    for outage in OUTAGES:
+        app.add_exception_handler(outage, _unavailable)
+    app.add_exception_handler(Exception, _internal)
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+    if any(_not_json(e) for e in errors):
+        return JSONResponse({"detail": "malformed JSON body", "errors": jsonable_encoder(errors)},
+                            status_code=400)
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def _not_json(error: dict[str, object]) -> bool:
+    """A body that does not parse as JSON at all, as opposed to JSON of the wrong shape."""
+    if error.get("type") == "json_invalid":
+        return True
+    raw = isinstance(error.get("input"), str | bytes)
+    return error.get("loc") == ("body",) and error.get("type") == "model_attributes_type" and raw
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TrainingJobError)
+    return JSONResponse({"detail": str(exc), "status": exc.status}, status_code=409)
+
+
+async def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("store unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "the event store or read store is unavailable; retry shortly"},
+        status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)

@@ -1,0 +1,33 @@
+"""The audit trail, read from the event store itself."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from services.api.deps import ContextDep, JobIdDep
+from services.api.schemas import EventOut, EventPage
+
+router = APIRouter(prefix="/api/v1/training", tags=["events"])
+After = Annotated[int, Query(ge=0, description="only events after this store position")]
+
+
+@router.get("/jobs/{job_id}/events", response_model=EventPage)
+def job_events(
+    job_id: JobIdDep, context: ContextDep, after: After = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> EventPage:
+    """One job's history: every event with its position, actor and timestamp."""
+    events = [EventOut.of(e) for e in context.jobs.history(job_id, after, limit)]
+    return EventPage(events=events, last_position=events[-1].position if events else after)
+
+
+@router.get("/events", response_model=EventPage)
+def all_events(
+    context: ContextDep, after: After = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    """Every job's events in store order: page on with `after=last_position`."""
+    events = [EventOut.of(e) for e in context.jobs.feed(after, limit)]
+    return EventPage(events=events, last_position=events[-1].position if events else after)

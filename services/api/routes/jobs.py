@@ -1,0 +1,113 @@
+"""REST commands and queries on training jobs (DESIGN §4)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from services.api.deps import ActorDep, ContextDep, JobIdDep
+from services.api.schemas import CommandResult, Job, JobDetail, JobList, MetricRow, SubmitJob
+from shared.application import JobNotFoundError
+from shared.domainmodel import STATUSES, TERMINAL, TrainingJob
+from shared.views import job_json, job_row, metric_json
+
+router = APIRouter(prefix="/api/v1/training", tags=["jobs"])
+StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
+RECENT_METRICS = 10
+
+
+def command_result(job: TrainingJob, message: str) -> CommandResult:
+    view = job_json(job_row(job, position=0))
+    return CommandResult(**view, job_id=str(job.id), message=message)
+
+
+@router.post("/jobs", status_code=201, response_model=Job)
+def submit_job(
+    body: SubmitJob, context: ContextDep, actor: ActorDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Job:
+    """Submit a training job; it is queued for the next free trainer."""
+    job = context.jobs.submit(
+        body.job_name, body.description, body.config.model_dump(mode="json"), actor,
+        idempotency_key=idempotency_key,
+    )
+    context.after_command()
+    return Job(**job_json(job_row(job, position=0)))
+
+
+@router.get("/jobs", response_model=JobList)
+def list_jobs(
+    context: ContextDep, status: StatusQuery = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0, include_archived: bool = False,
+) -> JobList:
+    """Jobs, newest first, optionally of one status."""
+    rows, total = context.reads.list_jobs(status, limit, offset, include_archived)
+    return JobList(jobs=[Job(**job_json(r)) for r in rows], total=total)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail)
+def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetail:
+    """One job with its latest metrics and where to watch it live."""
+    row = context.reads.get_job(str(job_id))
+    if row is None:
+        raise JobNotFoundError(f"job {job_id} not found")
+    recent = context.reads.metrics(str(job_id), RECENT_METRICS, latest=True)
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    ws = f"{scheme}://{request.url.netloc}/ws/training/{job_id}"
+    return JobDetail(
+        job=Job(**job_json(row)), recent_metrics=[MetricRow(**metric_json(m)) for m in recent],
+        websocket_url=ws,
+    )
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=list[MetricRow])
+def job_metrics(
+    job_id: JobIdDep, context: ContextDep,
+    limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+) -> list[MetricRow]:
+    """Per-epoch metrics, ascending by epoch."""
+    if context.reads.get_job(str(job_id)) is None:
+        context.jobs.get_job(job_id)
+    return [MetricRow(**metric_json(m)) for m in context.reads.metrics(str(job_id), limit)]
+
+
+@router.post("/jobs/{job_id}/pause", status_code=202, response_model=CommandResult)
+@router.post("/pause/{job_id}", status_code=202, response_model=CommandResult,
+             include_in_schema=False)
+def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+    """Pause at the next step boundary (a queued job pauses at once)."""
+    job = context.jobs.pause(job_id, actor)
+    context.after_command()
+    return command_result(job, f"pause requested; job is {job.status}")
+
+
+@router.post("/jobs/{job_id}/resume", status_code=202, response_model=CommandResult)
+@router.post("/resume/{job_id}", status_code=202, response_model=CommandResult,
+             include_in_schema=False)
+def resume_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+    """Queue a paused job again; it resumes from its checkpoint."""
+    job = context.jobs.resume(job_id, actor)
+    context.after_command()
+    return command_result(job, "resume requested; job is queued")
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CommandResult)
+def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+    """Cancel (idempotent); a running job stops at the next step boundary."""
+    job = context.jobs.cancel(job_id, actor)
+    context.after_command()
+    return command_result(job, f"cancel requested; job is {job.status}")
+
+
+@router.delete("/jobs/{job_id}", status_code=202, response_model=CommandResult,
+               responses={204: {"description": "finished job archived"}})
+def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response | CommandResult:
+    """An active job is cancelled; a finished one is archived (nothing is ever deleted)."""
+    if context.jobs.get_job(job_id).status in TERMINAL:
+        context.jobs.archive(job_id, actor)
+        context.after_command()
+        return Response(status_code=204)
+    return cancel_job(job_id, context, actor)
+

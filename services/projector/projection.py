@@ -1,0 +1,62 @@
+"""The projection: each stored event into the read tables, with its position, exactly once."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from uuid import UUID
+
+from eventsourcing.persistence import Notification
+
+from shared.application import TrainingJobs
+from shared.domainmodel import TrainingJob
+from shared.readmodel.store import UPSERT_JOB, UPSERT_METRIC, ReadStore
+from shared.views import job_row, metric_row
+
+CACHE_SIZE = 1000
+
+
+class JobsProjection:
+    """Rebuilds each job's state by applying its events in order, as the aggregate does."""
+
+    def __init__(self, app: TrainingJobs, store: ReadStore) -> None:
+        self.app, self.store = app, store
+        self._jobs: OrderedDict[UUID, TrainingJob] = OrderedDict()
+
+    def process(self, notification: Notification) -> bool:
+        """Apply one notification; False if its position was already projected."""
+        domain_event = self.app.mapper.to_domain_event(notification)
+        job = self._job_before(domain_event.originator_id, domain_event.originator_version)
+        job = domain_event.mutate(job)
+        assert isinstance(job, TrainingJob)
+        with self.store.transaction() as tx:
+            moved = tx.execute(
+                "UPDATE projector_positions SET position = ? WHERE name = 'projected'"
+                " AND position < ?",
+                [notification.id, notification.id],
+            )
+            if not moved:
+                return False
+            tx.execute(UPSERT_JOB, list(job_row(job, notification.id).values()))
+            metrics = getattr(domain_event, "metrics", None)
+            if metrics is not None:
+                row = metric_row(str(job.id), metrics, domain_event.timestamp, notification.id)
+                tx.execute(UPSERT_METRIC, list(row.values()))
+        self._remember(job)
+        return True
+
+    def _job_before(self, job_id: UUID, version: int) -> TrainingJob | None:
+        """The job as it was just before this event (from the cache or the store)."""
+        if version == TrainingJob.INITIAL_VERSION:
+            return None
+        cached = self._jobs.get(job_id)
+        if cached is not None and cached.version == version - 1:
+            return cached
+        job = self.app.repository.get(job_id, version=version - 1)
+        assert isinstance(job, TrainingJob)
+        return job
+
+    def _remember(self, job: TrainingJob) -> None:
+        self._jobs[job.id] = job
+        self._jobs.move_to_end(job.id)
+        while len(self._jobs) > CACHE_SIZE:
+            self._jobs.popitem(last=False)

@@ -1,0 +1,80 @@
+"""Assembles each service from settings: the embedded all-in-one run, or one service each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from services.api.app import Background, create_app
+from services.api.deps import ApiContext
+from services.projector.runner import Projector
+from shared.bootstrap import build_app, build_bus, build_read_store
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, list[Background]]:
+    """The api's context, plus the projector on the same loop when it runs embedded."""
+    jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
+    context = ApiContext(settings=settings, jobs=jobs, reads=reads, bus=bus)
+    background: list[Background] = []
+    if with_projector:
+        projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
+        context.after_command = projector.wake
+        background.append(projector.run_forever)
+    return context, background
+
+
+def serve(settings: Settings, with_projector: bool) -> None:
+    """Run the api (and, embedded, the projector) until interrupted."""
+    context, background = build_api(settings, with_projector)
+    app = create_app(context, background)
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+
+
+def run_projector(settings: Settings) -> None:
+    """The projector alone, as its own process."""
+
+    async def main() -> None:
+        jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
+        projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
+        stop = asyncio.Event()
+        await bus.start()
+        try:
+            await projector.run_forever(stop)
+        finally:
+            await bus.stop()
+
+    asyncio.run(main())
+
+
+def serve_embedded(settings: Settings) -> None:
+    """Everything in one process: api, projector and a trainer on an in-process bus."""
+    from services.trainer.worker import build_trainer
+
+    context, background = build_api(settings, with_projector=True)
+    trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
+    background.append(trainer.run_forever)
+    log.info("embedded run: store and read tables under %s", settings.data_dir.resolve())
+    uvicorn.run(create_app(context, background), host=settings.api_host,
+                port=settings.api_port, log_level="info")
+
+
+def run_trainer(settings: Settings) -> None:
+    """One trainer as its own process, on the configured broker."""
+    from services.trainer.worker import build_trainer
+
+    async def main() -> None:
+        jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
+        trainer = build_trainer(settings, jobs, reads, bus)
+        stop = asyncio.Event()
+        await bus.start()
+        try:
+            await trainer.run_forever(stop)
+        finally:
+            await bus.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,83 @@
+"""How a running job talks to whoever runs it: hooks in, an outcome out."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Metrics = dict[str, float | int | None]
+
+
+class Control(enum.Enum):
+    """What the runner wants the job to do at a step boundary."""
+
+    CONTINUE = "continue"
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    device: str
+    train_size: int
+    val_size: int
+    resumed_from_epoch: int
+    total_epochs: int
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """After `step` of `steps_per_epoch` steps of epoch `epoch` (both 1-based)."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    samples_per_second: float
+
+
+class TrainingHooks(Protocol):
+    """Called by `run_training` on the thread that trains."""
+
+    def on_start(self, info: StartInfo) -> None: ...
+
+    def check(self, step: StepInfo) -> Control:
+        """Asked after every training step: keep this cheap (read a flag)."""
+        ...
+
+    def on_epoch(self, metrics: Metrics, is_best: bool) -> None: ...
+
+    def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
+        """After the file is durably in place; `uri` is its absolute path."""
+        ...
+
+
+class NullHooks:
+    """Hooks that listen to nothing and always continue."""
+
+    def on_start(self, info: StartInfo) -> None:
+        return None
+
+    def check(self, step: StepInfo) -> Control:
+        return Control.CONTINUE
+
+    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+        return None
+
+    def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How `run_training` ended; `epoch` counts the epochs fully completed."""
+
+    kind: Literal["completed", "paused", "cancelled"]
+    epoch: int
+    checkpoint_uri: str | None
+    final_metrics: Metrics = field(default_factory=dict)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    model_uri: str | None = None

@@ -1,0 +1,222 @@
+"""The plain PyTorch loop: one training epoch, one validation pass, kept apart from job code."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from services.trainer.model import gaussian_nll, split_output
+from services.trainer.schedule import LrSchedule
+
+EARTH_RADIUS_M = 6_371_008.8
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed: device, autocast dtype, memory layout."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        if not self.cuda:
+            return x
+        x = x.pin_memory().to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def put(self, t: Tensor) -> Tensor:
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+
+
+def resolve_runtime(accelerator: str, precision: str) -> Runtime:
+    """CUDA when asked or available; autocast only there (CPU trains in fp32)."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("accelerator 'gpu' requested but CUDA is not available here")
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return Runtime(torch.device("cpu"), None)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    return Runtime(torch.device("cuda", torch.cuda.current_device()), dtypes[precision])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One side of the data on the host: inputs, normalised targets, true degrees."""
+
+    inputs: Tensor
+    targets: Tensor
+    positions: Tensor
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(frozen=True)
+class Geo:
+    """Turns normalised model outputs back into (lat, lon) degrees."""
+
+    centre: tuple[float, float]
+    scale: tuple[float, float]
+
+    def degrees(self, normalised: Tensor) -> Tensor:
+        centre = torch.tensor(self.centre, dtype=torch.float64, device=normalised.device)
+        scale = torch.tensor(self.scale, dtype=torch.float64, device=normalised.device)
+        return normalised.double() * scale + centre
+
+
+def haversine_m(a: Tensor, b: Tensor) -> Tensor:
+    """Great-circle metres between `[..., 2]` (lat, lon) degree tensors."""
+    lat1, lon1, lat2, lon2 = (torch.deg2rad(v) for v in (a[..., 0], a[..., 1], b[..., 0], b[..., 1]))
+    dlat, dlon = (lat2 - lat1) / 2, (lon2 - lon1) / 2
+    h = torch.sin(dlat) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin(dlon) ** 2
+    return 2 * EARTH_RADIUS_M * torch.asin(torch.sqrt(h.clamp(0.0, 1.0)))
+
+
+@dataclass
+class Tally:
+    """Running sums of one training epoch; saved in a mid-epoch checkpoint."""
+
+    samples: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    hits: int = 0
+    grad_norm_sum: float = 0.0
+    learning_rate: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What a training step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: LrSchedule
+    runtime: Runtime
+    geo: Geo
+    max_grad_norm: float | None
+    accuracy_radius_m: float
+
+
+StopAfter = Callable[[int, float, float], bool]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Epoch `epoch` (1-based) runs `batches` (index tensors) from `first_step` on."""
+
+    epoch: int
+    batches: list[Tensor]
+    first_step: int = 0
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """This epoch's shuffled batches, drawn from (seed, epoch) alone so a resume sees them too.
+
+    The remainder is dropped (a different one each epoch) so no batch is a lone sample.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    size = min(batch_size, n)
+    return list(order[: n - n % size].split(size))
+
+
+def train_one_epoch(
+    t: Trainer, data: Split, plan: EpochPlan, tally: Tally, stop: StopAfter
+) -> bool:
+    """Train on the plan's batches, updating `tally`; True if `stop` said so.
+
+    `stop(steps_done, loss, samples_per_second)` is asked after every step.
+    """
+    t.model.train()
+    started = time.perf_counter()
+    try:
+        for index in range(plan.first_step, len(plan.batches)):
+            idx = plan.batches[index]
+            tally.learning_rate = t.schedule.apply(t.optimizer, plan.epoch, index)
+            loss, norm, hits = _step(t, data, idx)
+            tally.samples, tally.steps = tally.samples + len(idx), tally.steps + 1
+            tally.loss_sum += loss * len(idx)
+            tally.grad_norm_sum, tally.hits = tally.grad_norm_sum + norm, tally.hits + hits
+            done = index + 1 - plan.first_step
+            if stop(index + 1, loss, done * len(idx) / (time.perf_counter() - started)):
+                return True
+        return False
+    finally:
+        tally.seconds += time.perf_counter() - started
+
+
+def _step(t: Trainer, data: Split, idx: Tensor) -> tuple[float, float, int]:
+    x, y = t.runtime.inputs(data.inputs[idx]), t.runtime.put(data.targets[idx])
+    pos = t.runtime.put(data.positions[idx])
+    with t.runtime.autocast():
+        out = t.model(x)
+    loss = gaussian_nll(out, y).mean()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.unscale_(t.optimizer)
+    params = [p for g in t.optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    hits = (haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos) <= t.accuracy_radius_m).sum()
+    values = torch.stack([loss.detach().double(), norm.double(), hits.double()]).tolist()
+    if not math.isfinite(values[0]) and not t.scaler.is_enabled():
+        raise FloatingPointError(f"training loss became {values[0]}")
+    return values[0], values[1], int(values[2])
+
+
+def epoch_train_metrics(tally: Tally) -> dict[str, float | int | None]:
+    """Per-sample means of the epoch's training steps."""
+    n = max(tally.samples, 1)
+    return {
+        "train_loss": tally.loss_sum / n,
+        "train_accuracy": tally.hits / n,
+        "learning_rate": tally.learning_rate,
+        "gradient_norm": tally.grad_norm_sum / max(tally.steps, 1),
+    }
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, data: Split, runtime: Runtime, geo: Geo, batch_size: int, radius_m: float
+) -> dict[str, float | None]:
+    """Loss and distance errors on `data`; all None when there is no validation data."""
+    keys = ("val_loss", "val_accuracy", "val_distance_p50_m", "val_distance_p95_m", "val_rmse_m")
+    if len(data) == 0:
+        return dict.fromkeys(keys)
+    model.eval()
+    losses, distances = [], []
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        x, y = runtime.inputs(data.inputs[sl]), runtime.put(data.targets[sl])
+        with runtime.autocast():
+            out = model(x)
+        losses.append(gaussian_nll(out, y).double().cpu())
+        predicted = geo.degrees(split_output(out)[0]).cpu()
+        distances.append(haversine_m(predicted, data.positions[sl]))
+    d = torch.cat(distances)
+    quantiles = torch.quantile(d, torch.tensor([0.5, 0.95], dtype=torch.float64)).tolist()
+    values = [torch.cat(losses).mean().item(), (d <= radius_m).double().mean().item()]
+    values += [*quantiles, d.square().mean().sqrt().item()]
+    return dict(zip(keys, values, strict=True))

@@ -1,0 +1,108 @@
+"""A timm backbone with a head predicting the transmitter position and its uncertainty."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from shared.config import JobConfig
+
+LOG_VAR_RANGE = (-12.0, 6.0)
+
+
+class Localiser(nn.Module):
+    """Maps `[B, receivers, M, F]` to `[B, 4]`: normalised (lat, lon) and their log-variances."""
+
+    def __init__(self, backbone: nn.Module, features: int, min_side: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(features, 4)
+        self.min_side = min_side
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h < self.min_side or w < self.min_side:
+            size = (max(h, self.min_side), max(w, self.min_side))
+            x = F.interpolate(x, size=size, mode="nearest")
+        out: Tensor = self.head(self.backbone(x))
+        return out
+
+
+def split_output(out: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (clamped) log-variance, in fp32 whatever the autocast dtype."""
+    out = out.float()
+    return out[:, :2], out[:, 2:].clamp(*LOG_VAR_RANGE)
+
+
+def gaussian_nll(out: Tensor, target: Tensor) -> Tensor:
+    """Per-sample Gaussian NLL (constant dropped) of normalised positions, shape `[B]`."""
+    mean, log_var = split_output(out)
+    return (0.5 * (log_var + (target - mean) ** 2 * torch.exp(-log_var))).sum(dim=1)
+
+
+def build_model(config: JobConfig, in_chans: int, input_size: tuple[int, int]) -> Localiser:
+    """The job's backbone (no download) plus head, checked on an input of the real size."""
+    backbone = timm.create_model(
+        config.model_architecture,
+        pretrained=False,
+        in_chans=in_chans,
+        num_classes=0,
+        drop_rate=config.dropout_rate,
+    )
+    if config.pretrained_path:
+        load_backbone_weights(backbone, Path(config.pretrained_path))
+    model = Localiser(backbone, int(backbone.num_features), _total_stride(backbone))
+    _probe(model, config.model_architecture, in_chans, input_size)
+    return model
+
+
+def _total_stride(backbone: nn.Module) -> int:
+    info = getattr(backbone, "feature_info", None)
+    if isinstance(info, list) and info and isinstance(info[-1], dict):
+        return int(info[-1].get("reduction", 1))
+    return 1
+
+
+def _probe(model: Localiser, name: str, in_chans: int, size: tuple[int, int]) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size))
+    except RuntimeError as error:
+        shape = [in_chans, *size]
+        raise ValueError(f"model {name} cannot take inputs of shape {shape}: {error}") from error
+    finally:
+        model.train(was_training)
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    """Load a local timm/torchvision-style checkpoint, adapting the stem to `in_chans`."""
+    raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    if not isinstance(raw, dict):
+        raise ValueError(f"pretrained_path {path}: not a state_dict")
+    own = backbone.state_dict()
+    usable = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
+    loaded = {}
+    for key, value in usable.items():
+        if key not in own:
+            continue
+        if value.shape != own[key].shape and value.ndim == 4:
+            value = adapt_input_conv(own[key].shape[1], value)
+        if value.shape == own[key].shape:
+            loaded[key] = value
+    if not loaded:
+        raise ValueError(f"pretrained_path {path}: no weights match this model")
+    backbone.load_state_dict(loaded, strict=False)

@@ -1,0 +1,86 @@
+"""The validated training job config (DESIGN §4), shared by the api and the trainer."""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+@lru_cache(maxsize=1)
+def known_architectures() -> frozenset[str]:
+    """Every model name timm can build (imported lazily: timm pulls in torch)."""
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticDataset(_Strict):
+    """Transmitters at random in the receivers' region, seen as path-loss spectrograms."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    samples: int = Field(2048, ge=16, le=1_000_000)
+    receivers: int = Field(7, ge=1, le=7)
+    n_mels: int = Field(64, ge=8, le=512)
+    frames: int = Field(32, ge=8, le=1024)
+    seed: int = Field(0, ge=0)
+
+
+class FilesDataset(_Strict):
+    """A dataset written to disk by `heimdall dataset make` (see README)."""
+
+    kind: Literal["files"]
+    path: str = Field(min_length=1)
+
+
+Dataset = Annotated[SyntheticDataset | FilesDataset, Field(discriminator="kind")]
+
+
+class JobConfig(_Strict):
+    """Everything a trainer needs to run a job; ranges enforced, unknown fields refused."""
+
+    epochs: int = Field(10, ge=1, le=5000)
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0, le=10)
+    model_architecture: str = "convnext_atto"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    dropout_rate: float = Field(0.0, ge=0, le=0.9)
+    lr_scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, le=1000)
+    early_stop_patience: int = Field(0, ge=0, le=5000, description="0 turns it off")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    validation_split: float = Field(0.2, ge=0, le=0.5)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = Field(1, ge=1, le=64)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compile: bool = False
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    accuracy_radius_m: float = Field(5000.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+    dataset: Dataset = Field(default_factory=SyntheticDataset)
+
+    @field_validator("model_architecture")
+    @classmethod
+    def _known_to_timm(cls, name: str) -> str:
+        if name in known_architectures():
+            return name
+        close = difflib.get_close_matches(name, sorted(known_architectures()), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model '{name}': not in timm.list_models(){hint}")
+
+    @model_validator(mode="after")
+    def _pretrained_needs_local_weights(self) -> JobConfig:
+        if self.pretrained and not self.pretrained_path:
+            raise ValueError("pretrained needs pretrained_path: nothing is downloaded")
+        if self.pretrained_path and not Path(self.pretrained_path).is_file():
+            raise ValueError(f"pretrained_path '{self.pretrained_path}' is not a file")
+        return self

@@ -1,0 +1,260 @@
+"""The training job aggregate: its events, its state machine and its errors (DESIGN §3)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import register_topic
+
+TOPIC = "heimdall.training:"
+
+QUEUED, RUNNING, PAUSING, PAUSED = "queued", "running", "pausing", "paused"
+CANCELLING, COMPLETED, FAILED, CANCELLED = "cancelling", "completed", "failed", "cancelled"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+ACTIVE_RUN = frozenset({RUNNING, PAUSING, CANCELLING})
+STATUSES = (QUEUED, RUNNING, PAUSING, PAUSED, CANCELLING, COMPLETED, FAILED, CANCELLED)
+
+Metrics = dict[str, Any]
+
+
+class TrainingJobError(Exception):
+    """A command that the job's current state does not allow."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class IllegalTransitionError(TrainingJobError):
+    """The job's status does not allow this command (the api answers 409)."""
+
+
+class ClaimLostError(TrainingJobError):
+    """A trainer wrote to a job it no longer owns: it must stop."""
+
+
+class TrainingJob(Aggregate):
+    """One training job; every change of its state is an event in its stream."""
+
+    id: UUID  # lets the application choose the id (idempotency keys)
+
+    @event("Submitted", topic=TOPIC + "Submitted")
+    def __init__(
+        self, id: UUID, job_name: str, description: str, config: dict[str, Any], actor: str
+    ) -> None:
+        self.job_name, self.description, self.config = job_name, description, config
+        self.submitted_by = actor
+        self.status = QUEUED
+        self.archived = False
+        self.worker: str | None = None
+        self.attempt = 0
+        self.workers_lost = 0
+        self.resume_pending = False
+        self.current_epoch = 0
+        self.total_epochs = int(config.get("epochs", 0))
+        self.last_metrics: Metrics = {}
+        self.best_epoch: int | None = None
+        self.best_val_loss: float | None = None
+        self.checkpoint_epoch = 0
+        self.checkpoint_path: str | None = None
+        self.model_path: str | None = None
+        self.error_message: str | None = None
+        self.started_at: datetime | None = None
+        self.completed_at: datetime | None = None
+
+    # Commands from people (through the api).
+
+    def request_pause(self, actor: str) -> None:
+        self._require({QUEUED, RUNNING}, "pause")
+        self._pause_requested(actor=actor)
+
+    def request_resume(self, actor: str) -> None:
+        self._require({PAUSED}, "resume")
+        self._resume_requested(actor=actor)
+
+    def request_cancel(self, actor: str) -> bool:
+        """Cancel is idempotent: False when the job is already cancelled or cancelling."""
+        if self.status in (CANCELLED, CANCELLING):
+            return False
+        self._require({QUEUED, RUNNING, PAUSING, PAUSED}, "cancel")
+        self._cancel_requested(actor=actor)
+        return True
+
+    def archive(self, actor: str) -> bool:
+        """Archive is idempotent: False when the job is already archived."""
+        self._require(TERMINAL, "archive")
+        if self.archived:
+            return False
+        self._archived(actor=actor)
+        return True
+
+    # Facts from trainers.
+
+    def claim(self, worker: str, device: str, train_size: int, val_size: int) -> None:
+        """A trainer takes a queued job: `Resumed` after a pause, `Started` otherwise."""
+        self._require({QUEUED}, "start")
+        if self.resume_pending and self.checkpoint_path:
+            self._resumed(
+                epoch=self.checkpoint_epoch, checkpoint_uri=self.checkpoint_path,
+                worker=worker, attempt=self.attempt + 1, actor=worker,
+            )
+        else:
+            self._started(
+                worker=worker, attempt=self.attempt + 1, device=device,
+                resumed_from_epoch=self.checkpoint_epoch if self.checkpoint_path else 0,
+                train_size=train_size, val_size=val_size, actor=worker,
+            )
+
+    def complete_epoch(self, worker: str, attempt: int, metrics: Metrics, is_best: bool) -> None:
+        self.check_claim(worker, attempt)
+        self._epoch_completed(
+            epoch=int(metrics["epoch"]), total_epochs=self.total_epochs,
+            metrics=metrics, is_best=is_best, actor=worker,
+        )
+
+    def save_checkpoint(self, worker: str, attempt: int, epoch: int, uri: str, sha256: str) -> None:
+        self.check_claim(worker, attempt)
+        self._checkpoint_saved(epoch=epoch, uri=uri, sha256=sha256, actor=worker)
+
+    def pause(self, worker: str, attempt: int, epoch: int, checkpoint_uri: str) -> None:
+        self.check_claim(worker, attempt)
+        self._paused(epoch=epoch, checkpoint_uri=checkpoint_uri, actor=worker)
+
+    def complete(self, worker: str, attempt: int, result: Metrics) -> None:
+        self.check_claim(worker, attempt)
+        self._completed(
+            final_metrics=result["final_metrics"], best_epoch=result["best_epoch"],
+            best_val_loss=result["best_val_loss"], model_uri=result["model_uri"], actor=worker,
+        )
+
+    def fail(self, worker: str, attempt: int, error: str, error_type: str) -> None:
+        self.check_claim(worker, attempt)
+        self._failed(error=error, error_type=error_type, epoch=self.current_epoch, actor=worker)
+
+    def cancel(self, worker: str, attempt: int, epoch: int) -> None:
+        self.check_claim(worker, attempt)
+        self._cancelled(epoch=epoch, actor=worker)
+
+    def lose_worker(self, attempt: int, actor: str) -> bool:
+        """Record once that the trainer of `attempt` is gone; False if already handled."""
+        if self.status not in ACTIVE_RUN or attempt != self.attempt:
+            return False
+        self._worker_lost(worker=self.worker or "", attempt=attempt, actor=actor)
+        return True
+
+    # Rules.
+
+    def check_claim(self, worker: str, attempt: int) -> None:
+        if self.status not in ACTIVE_RUN or (self.worker, self.attempt) != (worker, attempt):
+            raise ClaimLostError(
+                f"job {self.id} is not run by {worker} attempt {attempt}", self.status
+            )
+
+    def _require(self, allowed: set[str] | frozenset[str], action: str) -> None:
+        if self.status not in allowed:
+            raise IllegalTransitionError(f"cannot {action} a job that is {self.status}", self.status)
+
+    # Events: each body only applies a fact; the rules ran before it was triggered.
+
+    @event("PauseRequested", topic=TOPIC + "PauseRequested")
+    def _pause_requested(self, actor: str) -> None:
+        self.status = PAUSING if self.status == RUNNING else PAUSED
+
+    @event("ResumeRequested", topic=TOPIC + "ResumeRequested")
+    def _resume_requested(self, actor: str) -> None:
+        self.status, self.resume_pending = QUEUED, True
+
+    @event("CancelRequested", topic=TOPIC + "CancelRequested")
+    def _cancel_requested(self, actor: str) -> None:
+        if self.status in ACTIVE_RUN:
+            self.status = CANCELLING
+        else:
+            self.status, self.completed_at = CANCELLED, self.modified_on
+
+    @event("Started", topic=TOPIC + "Started")
+    def _started(
+        self, worker: str, attempt: int, device: str, resumed_from_epoch: int,
+        train_size: int, val_size: int, actor: str,
+    ) -> None:
+        self.status, self.worker, self.attempt = RUNNING, worker, attempt
+        self.started_at = self.started_at or self.modified_on
+        self.resume_pending = False
+
+    @event("Resumed", topic=TOPIC + "Resumed")
+    def _resumed(
+        self, epoch: int, checkpoint_uri: str, worker: str, attempt: int, actor: str
+    ) -> None:
+        self.status, self.worker, self.attempt = RUNNING, worker, attempt
+        self.resume_pending = False
+
+    @event("EpochCompleted", topic=TOPIC + "EpochCompleted")
+    def _epoch_completed(
+        self, epoch: int, total_epochs: int, metrics: Metrics, is_best: bool, actor: str
+    ) -> None:
+        self.current_epoch, self.last_metrics = epoch, metrics
+        if is_best:
+            self.best_epoch, self.best_val_loss = epoch, metrics.get("val_loss")
+
+    @event("CheckpointSaved", topic=TOPIC + "CheckpointSaved")
+    def _checkpoint_saved(self, epoch: int, uri: str, sha256: str, actor: str) -> None:
+        self.checkpoint_epoch, self.checkpoint_path = epoch, uri
+
+    @event("Paused", topic=TOPIC + "Paused")
+    def _paused(self, epoch: int, checkpoint_uri: str, actor: str) -> None:
+        self.status, self.worker = PAUSED, None
+        self.checkpoint_epoch, self.checkpoint_path = epoch, checkpoint_uri
+
+    @event("Completed", topic=TOPIC + "Completed")
+    def _completed(
+        self, final_metrics: Metrics, best_epoch: int | None, best_val_loss: float | None,
+        model_uri: str | None, actor: str,
+    ) -> None:
+        self.status, self.completed_at, self.worker = COMPLETED, self.modified_on, None
+        self.best_epoch, self.best_val_loss, self.model_path = best_epoch, best_val_loss, model_uri
+        self.last_metrics = final_metrics or self.last_metrics
+
+    @event("Failed", topic=TOPIC + "Failed")
+    def _failed(self, error: str, error_type: str, epoch: int, actor: str) -> None:
+        self.status, self.completed_at, self.worker = FAILED, self.modified_on, None
+        self.error_message = f"{error_type}: {error}"
+
+    @event("Cancelled", topic=TOPIC + "Cancelled")
+    def _cancelled(self, epoch: int, actor: str) -> None:
+        self.status, self.completed_at, self.worker = CANCELLED, self.modified_on, None
+
+    @event("WorkerLost", topic=TOPIC + "WorkerLost")
+    def _worker_lost(self, worker: str, attempt: int, actor: str) -> None:
+        self.workers_lost += 1
+        self.worker, self.resume_pending = None, False
+        if self.status == CANCELLING:
+            self.status, self.completed_at = CANCELLED, self.modified_on
+        elif self.status == PAUSING:
+            self.status = PAUSED
+        elif self.workers_lost >= int(self.config.get("max_attempts", 3)):
+            self.status, self.completed_at = FAILED, self.modified_on
+            self.error_message = f"WorkerLost: {self.workers_lost} trainers lost"
+        else:
+            self.status = QUEUED
+
+    @event("Archived", topic=TOPIC + "Archived")
+    def _archived(self, actor: str) -> None:
+        self.archived = True
+
+
+register_topic(TOPIC + "TrainingJob", TrainingJob)
+register_topic(TOPIC + "TrainingJob.Snapshot", TrainingJob.Snapshot)
+
+
+def job_kind(event_topic_or_name: str) -> str:
+    """`heimdall.training:EpochCompleted` or `EpochCompleted` → the event's name."""
+    return event_topic_or_name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+
+
+def job_id_of(value: str) -> UUID | None:
+    try:
+        return UUID(value)
+    except ValueError:
+        return None

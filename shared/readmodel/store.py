@@ -1,0 +1,97 @@
+"""The read store: the same queries over SQLite or PostgreSQL (`?` placeholders)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from shared.readmodel.schema import DDL, JOB_COLUMNS, METRIC_COLUMNS, upsert
+
+Row = dict[str, Any]
+
+UPSERT_JOB = upsert("training_jobs", JOB_COLUMNS, ("id",))
+UPSERT_METRIC = upsert("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"))
+
+
+class Tx(Protocol):
+    """One open transaction: statements use `?` placeholders on every backend."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+
+class ReadStore(ABC):
+    """Rows for queries; positions and rows written in one transaction by the projector."""
+
+    @abstractmethod
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A transaction committed on success and rolled back on error."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def create_tables(self) -> None:
+        with self.transaction() as tx:
+            for statement in DDL:
+                tx.execute(statement)
+
+    def list_jobs(
+        self, status: str | None, limit: int, offset: int, include_archived: bool
+    ) -> tuple[list[Row], int]:
+        where, params = ["1 = 1"], []
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if not include_archived:
+            where.append("archived = 0")
+        clause = " AND ".join(where)
+        with self.transaction() as tx:
+            total = tx.fetchall(f"SELECT COUNT(*) AS n FROM training_jobs WHERE {clause}", params)
+            rows = tx.fetchall(
+                f"SELECT * FROM training_jobs WHERE {clause}"
+                " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            )
+        return rows, int(total[0]["n"])
+
+    def get_job(self, job_id: str) -> Row | None:
+        with self.transaction() as tx:
+            rows = tx.fetchall("SELECT * FROM training_jobs WHERE id = ?", [job_id])
+        return rows[0] if rows else None
+
+    def metrics(self, job_id: str, limit: int | None = None, latest: bool = False) -> list[Row]:
+        """Per-epoch rows ascending; with `latest`, the last `limit` of them."""
+        order = "DESC" if latest else "ASC"
+        sql = f"SELECT * FROM training_metrics WHERE job_id = ? ORDER BY epoch {order}"
+        params: list[Any] = [job_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self.transaction() as tx:
+            rows = tx.fetchall(sql, params)
+        return sorted(rows, key=lambda r: int(r["epoch"]))
+
+    def positions(self) -> dict[str, int]:
+        with self.transaction() as tx:
+            rows = tx.fetchall("SELECT name, position FROM projector_positions")
+        return {str(r["name"]): int(r["position"]) for r in rows}
+
+    def record_published(self, position: int) -> None:
+        with self.transaction() as tx:
+            tx.execute(
+                "UPDATE projector_positions SET position = ? WHERE name = 'published'"
+                " AND position < ?",
+                [position, position],
+            )
+
+    def snapshot(self) -> tuple[int, list[Row], list[Row]]:
+        """The projected position with every job and metric row, read at one moment."""
+        with self.transaction() as tx:
+            pos = tx.fetchall("SELECT position FROM projector_positions WHERE name = 'projected'")
+            jobs = tx.fetchall("SELECT * FROM training_jobs ORDER BY id")
+            metrics = tx.fetchall("SELECT * FROM training_metrics ORDER BY job_id, epoch")
+        return int(pos[0]["position"]), jobs, metrics

@@ -1,0 +1,46 @@
+"""Fixtures shared by every test: settings on a fresh SQLite folder or PostgreSQL schema."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from shared.settings import Settings
+
+POSTGRES_URL = os.environ.get("HEIMDALL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+RABBIT_URL = os.environ.get("HEIMDALL_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def drop_schema(schema: str) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def sqlite_settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", poll_seconds=0.05, _env_file=None)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    yield Settings(  # type: ignore[call-arg]
+        database_url=POSTGRES_URL, database_schema=schema, data_dir=tmp_path / "var",
+        poll_seconds=0.05,
+    )
+    drop_schema(schema)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest) -> Settings:
+    """The same test on each backend, as eventsourcing's own examples do."""
+    fixture: Settings = request.getfixturevalue(f"{request.param}_settings")
+    return fixture
+
+
+SettingsFactory = Callable[[], Settings]
