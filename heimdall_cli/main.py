@@ -15,8 +15,9 @@ from rich.table import Table
 from heimdall_cli.client import ApiClient, ApiError
 from shared.settings import Settings
 
-app = typer.Typer(help="Heimdall Training: submit, watch and audit training jobs.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Heimdall Training: submit, watch and audit training jobs.", no_args_is_help=True
+)
 dataset_app = typer.Typer(help="Datasets on disk.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 console = Console()
@@ -104,8 +105,15 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
     table = Table("id", "name", "status", "epoch", "val loss", "model", "created")
     for job in page["jobs"]:
         epoch = f"{job['current_epoch']}/{job['total_epochs']}"
-        table.add_row(job["id"], job["job_name"], job["status"], epoch,
-                      str(job["val_loss"]), job["model_architecture"], job["created_at"])
+        table.add_row(
+            job["id"],
+            job["job_name"],
+            job["status"],
+            epoch,
+            str(job["val_loss"]),
+            job["model_architecture"],
+            job["created_at"],
+        )
     console.print(table)
     console.print(f"{page['total']} jobs")
 

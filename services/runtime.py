@@ -59,8 +59,12 @@ def serve_embedded(settings: Settings) -> None:
     trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
     background.append(trainer.run_forever)
     log.info("embedded run: store and read tables under %s", settings.data_dir.resolve())
-    uvicorn.run(create_app(context, background), host=settings.api_host,
-                port=settings.api_port, log_level="info")
+    uvicorn.run(
+        create_app(context, background),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="info",
+    )
 
 
 def run_trainer(settings: Settings) -> None:

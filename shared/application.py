@@ -49,7 +49,11 @@ class TrainingJobs(Application[UUID]):
     snapshotting_intervals = {TrainingJob: 100}  # noqa: RUF012 (eventsourcing's own API)
 
     def submit(
-        self, job_name: str, description: str, config: dict[str, Any], actor: str,
+        self,
+        job_name: str,
+        description: str,
+        config: dict[str, Any],
+        actor: str,
         idempotency_key: str | None = None,
     ) -> TrainingJob:
         """A new queued job; the same idempotency key (per actor) never makes a second one."""
@@ -60,8 +64,9 @@ class TrainingJobs(Application[UUID]):
             existing = self._find(job_id)
             if existing is not None:
                 return self._same_request(existing, job_name, description, config)
-        job = TrainingJob(id=job_id, job_name=job_name, description=description,
-                          config=config, actor=actor)
+        job = TrainingJob(
+            id=job_id, job_name=job_name, description=description, config=config, actor=actor
+        )
         try:
             self.save(job)
         except IntegrityError:
@@ -114,6 +119,7 @@ class TrainingJobs(Application[UUID]):
 
     def decode(self, notification: Notification) -> StoredJobEvent:
         domain_event = self.mapper.to_domain_event(notification)
+        assert isinstance(domain_event, TrainingJob.Event)
         return StoredJobEvent(
             position=notification.id,
             job_id=domain_event.originator_id,
@@ -126,7 +132,7 @@ class TrainingJobs(Application[UUID]):
 
     def _find(self, job_id: UUID) -> TrainingJob | None:
         try:
-            job = self.repository.get(job_id)
+            job: object = self.repository.get(job_id)
         except AggregateNotFoundError:
             return None
         assert isinstance(job, TrainingJob)

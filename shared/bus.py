@@ -65,9 +65,14 @@ class Envelope(BaseModel):
     @classmethod
     def of(cls, event: StoredJobEvent) -> Envelope:
         return cls(
-            position=event.position, job_id=str(event.job_id), version=event.version,
-            kind=event.kind, routing_key=routing_key(event.kind), timestamp=event.timestamp,
-            actor=event.actor, data=event.data,
+            position=event.position,
+            job_id=str(event.job_id),
+            version=event.version,
+            kind=event.kind,
+            routing_key=routing_key(event.kind),
+            timestamp=event.timestamp,
+            actor=event.actor,
+            data=event.data,
         )
 
 

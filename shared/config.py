@@ -7,7 +7,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 @lru_cache(maxsize=1)
@@ -40,7 +48,17 @@ class FilesDataset(_Strict):
     path: str = Field(min_length=1)
 
 
-Dataset = Annotated[SyntheticDataset | FilesDataset, Field(discriminator="kind")]
+def _dataset_kind(value: object) -> str:
+    """`kind` picks the dataset; a dataset without one is synthetic."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "synthetic"))
+    return str(getattr(value, "kind", "synthetic"))
+
+
+Dataset = Annotated[
+    Annotated[SyntheticDataset, Tag("synthetic")] | Annotated[FilesDataset, Tag("files")],
+    Discriminator(_dataset_kind),
+]
 
 
 class JobConfig(_Strict):

@@ -41,6 +41,14 @@ class TrainingJob(Aggregate):
 
     id: UUID  # lets the application choose the id (idempotency keys)
 
+    class Event(Aggregate.Event):
+        """Bodies may read `modified_on` as this event's own time (eventsourcing sets it after)."""
+
+        def mutate(self, aggregate: Any) -> Any:
+            if aggregate is not None:
+                aggregate.modified_on = self.timestamp
+            return super().mutate(aggregate)
+
     @event("Submitted", topic=TOPIC + "Submitted")
     def __init__(
         self, id: UUID, job_name: str, description: str, config: dict[str, Any], actor: str
@@ -98,21 +106,31 @@ class TrainingJob(Aggregate):
         self._require({QUEUED}, "start")
         if self.resume_pending and self.checkpoint_path:
             self._resumed(
-                epoch=self.checkpoint_epoch, checkpoint_uri=self.checkpoint_path,
-                worker=worker, attempt=self.attempt + 1, actor=worker,
+                epoch=self.checkpoint_epoch,
+                checkpoint_uri=self.checkpoint_path,
+                worker=worker,
+                attempt=self.attempt + 1,
+                actor=worker,
             )
         else:
             self._started(
-                worker=worker, attempt=self.attempt + 1, device=device,
+                worker=worker,
+                attempt=self.attempt + 1,
+                device=device,
                 resumed_from_epoch=self.checkpoint_epoch if self.checkpoint_path else 0,
-                train_size=train_size, val_size=val_size, actor=worker,
+                train_size=train_size,
+                val_size=val_size,
+                actor=worker,
             )
 
     def complete_epoch(self, worker: str, attempt: int, metrics: Metrics, is_best: bool) -> None:
         self.check_claim(worker, attempt)
         self._epoch_completed(
-            epoch=int(metrics["epoch"]), total_epochs=self.total_epochs,
-            metrics=metrics, is_best=is_best, actor=worker,
+            epoch=int(metrics["epoch"]),
+            total_epochs=self.total_epochs,
+            metrics=metrics,
+            is_best=is_best,
+            actor=worker,
         )
 
     def save_checkpoint(self, worker: str, attempt: int, epoch: int, uri: str, sha256: str) -> None:
@@ -126,8 +144,11 @@ class TrainingJob(Aggregate):
     def complete(self, worker: str, attempt: int, result: Metrics) -> None:
         self.check_claim(worker, attempt)
         self._completed(
-            final_metrics=result["final_metrics"], best_epoch=result["best_epoch"],
-            best_val_loss=result["best_val_loss"], model_uri=result["model_uri"], actor=worker,
+            final_metrics=result["final_metrics"],
+            best_epoch=result["best_epoch"],
+            best_val_loss=result["best_val_loss"],
+            model_uri=result["model_uri"],
+            actor=worker,
         )
 
     def fail(self, worker: str, attempt: int, error: str, error_type: str) -> None:
@@ -155,7 +176,9 @@ class TrainingJob(Aggregate):
 
     def _require(self, allowed: set[str] | frozenset[str], action: str) -> None:
         if self.status not in allowed:
-            raise IllegalTransitionError(f"cannot {action} a job that is {self.status}", self.status)
+            raise IllegalTransitionError(
+                f"cannot {action} a job that is {self.status}", self.status
+            )
 
     # Events: each body only applies a fact; the rules ran before it was triggered.
 
@@ -176,8 +199,14 @@ class TrainingJob(Aggregate):
 
     @event("Started", topic=TOPIC + "Started")
     def _started(
-        self, worker: str, attempt: int, device: str, resumed_from_epoch: int,
-        train_size: int, val_size: int, actor: str,
+        self,
+        worker: str,
+        attempt: int,
+        device: str,
+        resumed_from_epoch: int,
+        train_size: int,
+        val_size: int,
+        actor: str,
     ) -> None:
         self.status, self.worker, self.attempt = RUNNING, worker, attempt
         self.started_at = self.started_at or self.modified_on
@@ -209,8 +238,12 @@ class TrainingJob(Aggregate):
 
     @event("Completed", topic=TOPIC + "Completed")
     def _completed(
-        self, final_metrics: Metrics, best_epoch: int | None, best_val_loss: float | None,
-        model_uri: str | None, actor: str,
+        self,
+        final_metrics: Metrics,
+        best_epoch: int | None,
+        best_val_loss: float | None,
+        model_uri: str | None,
+        actor: str,
     ) -> None:
         self.status, self.completed_at, self.worker = COMPLETED, self.modified_on, None
         self.best_epoch, self.best_val_loss, self.model_path = best_epoch, best_val_loss, model_uri

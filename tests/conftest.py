@@ -12,7 +12,9 @@ import pytest
 
 from shared.settings import Settings
 
-POSTGRES_URL = os.environ.get("HEIMDALL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "HEIMDALL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 RABBIT_URL = os.environ.get("HEIMDALL_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
@@ -30,7 +32,9 @@ def sqlite_settings(tmp_path: Path) -> Settings:
 def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
     schema = f"t_{uuid.uuid4().hex[:16]}"
     yield Settings(  # type: ignore[call-arg]
-        database_url=POSTGRES_URL, database_schema=schema, data_dir=tmp_path / "var",
+        database_url=POSTGRES_URL,
+        database_schema=schema,
+        data_dir=tmp_path / "var",
         poll_seconds=0.05,
     )
     drop_schema(schema)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
@@ -16,7 +17,7 @@ from services.api.limits import BodyLimit
 from services.api.routes import events, health, jobs
 
 log = logging.getLogger(__name__)
-Background = Callable[[asyncio.Event], Awaitable[None]]
+Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def create_app(context: ApiContext, background: Sequence[Background] = ()) -> FastAPI:
@@ -35,7 +36,9 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
             await context.bus.stop()
 
     app = FastAPI(
-        title="Heimdall Training", version="0.1.0", lifespan=lifespan,
+        title="Heimdall Training",
+        version="0.1.0",
+        lifespan=lifespan,
         description="Submit, watch, pause, resume, cancel and audit training jobs.",
     )
     app.state.context = context

@@ -19,8 +19,13 @@ from shared.domainmodel import TrainingJobError
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = "5"
 OUTAGES = (
-    psycopg.OperationalError, psycopg_pool.PoolTimeout, OperationalError,
-    StoreInterfaceError, IntegrityError, ConnectionError, TimeoutError,
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    OperationalError,
+    StoreInterfaceError,
+    IntegrityError,
+    ConnectionError,
+    TimeoutError,
 )
 
 
@@ -38,8 +43,9 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
     if any(_not_json(e) for e in errors):
-        return JSONResponse({"detail": "malformed JSON body", "errors": jsonable_encoder(errors)},
-                            status_code=400)
+        return JSONResponse(
+            {"detail": "malformed JSON body", "errors": jsonable_encoder(errors)}, status_code=400
+        )
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
@@ -68,7 +74,8 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("store unavailable on %s %s: %r", request.method, request.url.path, exc)
     return JSONResponse(
         {"detail": "the event store or read store is unavailable; retry shortly"},
-        status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS},
+        status_code=503,
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
     )
 
 

@@ -94,9 +94,14 @@ class EventOut(BaseModel):
     @classmethod
     def of(cls, stored: StoredJobEvent) -> EventOut:
         return cls(
-            position=stored.position, job_id=str(stored.job_id), version=stored.version,
-            kind=stored.kind, event=websocket_event(routing_key(stored.kind)),
-            timestamp=stored.timestamp, actor=stored.actor, data=stored.data,
+            position=stored.position,
+            job_id=str(stored.job_id),
+            version=stored.version,
+            kind=stored.kind,
+            event=websocket_event(routing_key(stored.kind)),
+            timestamp=stored.timestamp,
+            actor=stored.actor,
+            data=stored.data,
         )
 
 

@@ -25,9 +25,11 @@ class JobsProjection:
     def process(self, notification: Notification) -> bool:
         """Apply one notification; False if its position was already projected."""
         domain_event = self.app.mapper.to_domain_event(notification)
+        assert isinstance(domain_event, TrainingJob.Event)
         job = self._job_before(domain_event.originator_id, domain_event.originator_version)
-        job = domain_event.mutate(job)
-        assert isinstance(job, TrainingJob)
+        mutated = domain_event.mutate(job)
+        assert isinstance(mutated, TrainingJob)
+        job = mutated
         with self.store.transaction() as tx:
             moved = tx.execute(
                 "UPDATE projector_positions SET position = ? WHERE name = 'projected'"
@@ -51,7 +53,7 @@ class JobsProjection:
         cached = self._jobs.get(job_id)
         if cached is not None and cached.version == version - 1:
             return cached
-        job = self.app.repository.get(job_id, version=version - 1)
+        job: object = self.app.repository.get(job_id, version=version - 1)
         assert isinstance(job, TrainingJob)
         return job
 

@@ -13,6 +13,7 @@ from services.projector.projection import JobsProjection
 from shared.application import TrainingJobs
 from shared.bus import Bus, Envelope
 from shared.readmodel.store import ReadStore
+from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -23,7 +24,11 @@ class Projector:
     """Read tables first, bus second: a client told of an event can already query it."""
 
     def __init__(
-        self, app: TrainingJobs, store: ReadStore, bus: Bus, poll_seconds: float = 0.2,
+        self,
+        app: TrainingJobs,
+        store: ReadStore,
+        bus: Bus,
+        poll_seconds: float = 0.2,
         listen_url: str | None = None,
     ) -> None:
         self.app, self.store, self.bus = app, store, bus
@@ -63,7 +68,7 @@ class Projector:
             except Exception as error:  # the store or the bus is down: retry, in order
                 failures += 1
                 log.warning("projector: %s; retrying (%d)", error, failures)
-                await self._sleep(stop, min(MAX_BACKOFF_SECONDS, 0.2 * 2**failures))
+                await wait_event(stop, min(MAX_BACKOFF_SECONDS, 0.2 * 2**failures))
                 continue
             await self._wait()
         if listener:
@@ -81,18 +86,8 @@ class Projector:
         return self.app.recorder.select_notifications(after, BATCH, inclusive_of_start=False)
 
     async def _wait(self) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, self.poll_seconds)
         self._wake.clear()
-
-    @staticmethod
-    async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(stop.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake on PostgreSQL NOTIFY from eventsourcing's inserts; polling stays the fallback."""
@@ -108,4 +103,4 @@ class Projector:
                         self.wake()
             except Exception as error:
                 log.info("projector: LISTEN lost (%s); polling meanwhile", error)
-                await self._sleep(stop, 1.0)
+                await wait_event(stop, 1.0)

@@ -21,10 +21,11 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 from torch.optim import Optimizer
 
@@ -116,7 +117,9 @@ def read_payload(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a Heimdall checkpoint")
     if payload["format_version"] != FORMAT_VERSION:
         found = payload["format_version"]
-        raise CheckpointError(f"{path}: format version {found}, this trainer reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: format version {found}, this trainer reads {FORMAT_VERSION}"
+        )
     return payload
 
 
@@ -160,7 +163,9 @@ def prune_checkpoints(directory: Path, keep: int, protect: str | None) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    kind, keys, pos, has_gauss, cached = cast(
+        tuple[str, NDArray[np.uint32], int, int, float], np.random.get_state(legacy=True)
+    )
     return {
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), pos, has_gauss, cached),

@@ -5,7 +5,8 @@ On-disk format (a directory, written by `write_dataset`, read by `load_dataset`)
 - `inputs.npy`: float32 `[N, R, M, F]`, per sample and receiver an `M x F` map in
   dB above the receiver's noise floor, divided by 20 (so values stay in about -1..5);
 - `positions.npy`: float64 `[N, 2]`, the transmitter's (lat, lon) in degrees;
-- `receivers.json`: a list of R `{"name": str, "lat": float, "lon": float}`.
+- `receivers.json`: a list of R `{"name": str, "lat": float, "lon": float}`;
+- `dataset.json` (optional, not read): the generator's parameters.
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ class RFData:
 def haversine_m(a: FloatArray, b: FloatArray) -> FloatArray:
     """Great-circle metres between (lat, lon) degree pairs on the last axis."""
     lat1, lon1, lat2, lon2 = (np.radians(v) for v in (a[..., 0], a[..., 1], b[..., 0], b[..., 1]))
-    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return np.asarray(2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
+    h = (
+        np.sin((lat2 - lat1) / 2) ** 2
+        + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    )
+    distance: FloatArray = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+    return distance
 
 
 def region(receivers: FloatArray) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -125,11 +130,15 @@ def write_dataset(path: Path, cfg: SyntheticDataset) -> Path:
     np.save(path / POSITIONS_FILE, data.positions)
     sites = [{"name": n, "lat": float(a), "lon": float(o)} for n, (a, o) in _named(data)]
     (path / RECEIVERS_FILE).write_text(json.dumps(sites, indent=2) + "\n")
+    (path / "dataset.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     return path
 
 
 def _named(data: RFData) -> list[tuple[str, tuple[float, float]]]:
-    return [(n, (float(p[0]), float(p[1]))) for n, p in zip(data.receiver_names, data.receivers, strict=True)]
+    return [
+        (n, (float(p[0]), float(p[1])))
+        for n, p in zip(data.receiver_names, data.receivers, strict=True)
+    ]
 
 
 def read_dataset(path: Path) -> RFData:
@@ -140,9 +149,13 @@ def read_dataset(path: Path) -> RFData:
     positions = _load_array(path / POSITIONS_FILE, ndim=2).astype(np.float64, copy=False)
     names, rx = _load_receivers(path / RECEIVERS_FILE)
     if positions.shape != (len(inputs), 2):
-        raise ValueError(f"{path / POSITIONS_FILE}: shape {positions.shape}, want ({len(inputs)}, 2)")
+        raise ValueError(
+            f"{path / POSITIONS_FILE}: shape {positions.shape}, want ({len(inputs)}, 2)"
+        )
     if inputs.shape[1] != len(names):
-        raise ValueError(f"{path / INPUTS_FILE}: {inputs.shape[1]} receivers, receivers.json has {len(names)}")
+        raise ValueError(
+            f"{path / INPUTS_FILE}: {inputs.shape[1]} receivers, receivers.json has {len(names)}"
+        )
     if len(inputs) < 2:
         raise ValueError(f"{path / INPUTS_FILE}: needs at least 2 samples, has {len(inputs)}")
     _check_degrees(path / POSITIONS_FILE, positions)
@@ -187,7 +200,9 @@ def load_dataset(cfg: SyntheticDataset | FilesDataset) -> RFData:
     return synthesise(cfg)
 
 
-def split_indices(n: int, validation_split: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+def split_indices(
+    n: int, validation_split: float, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Deterministic (train, validation) indices; no validation when the split is 0."""
     order = np.random.default_rng(seed).permutation(n).astype(np.int64)
     n_val = min(max(round(n * validation_split), 1), n - 1) if validation_split > 0 else 0

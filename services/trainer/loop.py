@@ -44,6 +44,12 @@ class Runtime:
     def put(self, t: Tensor) -> Tensor:
         return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
 
+    def describe(self) -> str:
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.autocast_dtype]
+        if not self.cuda:
+            return f"cpu ({dtype})"
+        return f"{self.device} {torch.cuda.get_device_name(self.device)} ({dtype})"
+
 
 def resolve_runtime(accelerator: str, precision: str) -> Runtime:
     """CUDA when asked or available; autocast only there (CPU trains in fp32)."""
@@ -82,7 +88,9 @@ class Geo:
 
 def haversine_m(a: Tensor, b: Tensor) -> Tensor:
     """Great-circle metres between `[..., 2]` (lat, lon) degree tensors."""
-    lat1, lon1, lat2, lon2 = (torch.deg2rad(v) for v in (a[..., 0], a[..., 1], b[..., 0], b[..., 1]))
+    lat1, lon1, lat2, lon2 = (
+        torch.deg2rad(v) for v in (a[..., 0], a[..., 1], b[..., 0], b[..., 1])
+    )
     dlat, dlon = (lat2 - lat1) / 2, (lon2 - lon1) / 2
     h = torch.sin(dlat) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin(dlon) ** 2
     return 2 * EARTH_RADIUS_M * torch.asin(torch.sqrt(h.clamp(0.0, 1.0)))
@@ -130,6 +138,10 @@ class EpochPlan:
     first_step: int = 0
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // min(batch_size, n)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
     """This epoch's shuffled batches, drawn from (seed, epoch) alone so a resume sees them too.
 
@@ -138,7 +150,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator)
     size = min(batch_size, n)
-    return list(order[: n - n % size].split(size))
+    return list(torch.split(order[: steps_per_epoch(n, batch_size) * size], size))
 
 
 def train_one_epoch(
@@ -173,13 +185,15 @@ def _step(t: Trainer, data: Split, idx: Tensor) -> tuple[float, float, int]:
         out = t.model(x)
     loss = gaussian_nll(out, y).mean()
     t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
+    torch.autograd.backward(t.scaler.scale(loss))
     t.scaler.unscale_(t.optimizer)
     params = [p for g in t.optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    hits = (haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos) <= t.accuracy_radius_m).sum()
+    hits = (
+        haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos) <= t.accuracy_radius_m
+    ).sum()
     values = torch.stack([loss.detach().double(), norm.double(), hits.double()]).tolist()
     if not math.isfinite(values[0]) and not t.scaler.is_enabled():
         raise FloatingPointError(f"training loss became {values[0]}")

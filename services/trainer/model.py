@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -59,7 +59,7 @@ def build_model(config: JobConfig, in_chans: int, input_size: tuple[int, int]) -
     )
     if config.pretrained_path:
         load_backbone_weights(backbone, Path(config.pretrained_path))
-    model = Localiser(backbone, int(backbone.num_features), _total_stride(backbone))
+    model = Localiser(backbone, cast(int, backbone.num_features), _total_stride(backbone))
     _probe(model, config.model_architecture, in_chans, input_size)
     return model
 

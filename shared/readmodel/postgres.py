@@ -33,8 +33,11 @@ class PostgresReadStore(ReadStore):
             min_size=1,
             max_size=pool_size,
             timeout=5,
-            kwargs={"options": f"-c search_path={schema}", "connect_timeout": 5,
-                    "row_factory": dict_row},
+            kwargs={
+                "options": f"-c search_path={schema}",
+                "connect_timeout": 5,
+                "row_factory": dict_row,
+            },
             check=ConnectionPool.check_connection,
             open=True,
         )

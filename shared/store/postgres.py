@@ -19,9 +19,7 @@ class PostgresJobRecorder(PostgresApplicationRecorder, JobNotifications):
         statement = SQL(
             "SELECT * FROM {schema}.{table} WHERE originator_id = %s AND notification_id > %s"
             " ORDER BY notification_id LIMIT %s"
-        ).format(
-            schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name)
-        )
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, (originator_id, after, limit))
             return [

@@ -15,7 +15,9 @@ After = Annotated[int, Query(ge=0, description="only events after this store pos
 
 @router.get("/jobs/{job_id}/events", response_model=EventPage)
 def job_events(
-    job_id: JobIdDep, context: ContextDep, after: After = 0,
+    job_id: JobIdDep,
+    context: ContextDep,
+    after: After = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> EventPage:
     """One job's history: every event with its position, actor and timestamp."""
@@ -25,7 +27,8 @@ def job_events(
 
 @router.get("/events", response_model=EventPage)
 def all_events(
-    context: ContextDep, after: After = 0,
+    context: ContextDep,
+    after: After = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
     """Every job's events in store order: page on with `after=last_position`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -28,9 +29,9 @@ async def health(context: ContextDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-async def _check(probe: object) -> str:
+async def _check(probe: Awaitable[object]) -> str:
     try:
-        result = await asyncio.wait_for(probe, CHECK_SECONDS)  # type: ignore[arg-type]
+        result = await asyncio.wait_for(probe, CHECK_SECONDS)
     except Exception as error:
         return f"down: {type(error).__name__}"
     return "ok" if result is not False else "down"

@@ -24,12 +24,17 @@ def command_result(job: TrainingJob, message: str) -> CommandResult:
 
 @router.post("/jobs", status_code=201, response_model=Job)
 def submit_job(
-    body: SubmitJob, context: ContextDep, actor: ActorDep,
+    body: SubmitJob,
+    context: ContextDep,
+    actor: ActorDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Job:
     """Submit a training job; it is queued for the next free trainer."""
     job = context.jobs.submit(
-        body.job_name, body.description, body.config.model_dump(mode="json"), actor,
+        body.job_name,
+        body.description,
+        body.config.model_dump(mode="json"),
+        actor,
         idempotency_key=idempotency_key,
     )
     context.after_command()
@@ -38,9 +43,11 @@ def submit_job(
 
 @router.get("/jobs", response_model=JobList)
 def list_jobs(
-    context: ContextDep, status: StatusQuery = None,
+    context: ContextDep,
+    status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0, include_archived: bool = False,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    include_archived: bool = False,
 ) -> JobList:
     """Jobs, newest first, optionally of one status."""
     rows, total = context.reads.list_jobs(status, limit, offset, include_archived)
@@ -57,14 +64,16 @@ def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetai
     scheme = "wss" if request.url.scheme == "https" else "ws"
     ws = f"{scheme}://{request.url.netloc}/ws/training/{job_id}"
     return JobDetail(
-        job=Job(**job_json(row)), recent_metrics=[MetricRow(**metric_json(m)) for m in recent],
+        job=Job(**job_json(row)),
+        recent_metrics=[MetricRow(**metric_json(m)) for m in recent],
         websocket_url=ws,
     )
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=list[MetricRow])
 def job_metrics(
-    job_id: JobIdDep, context: ContextDep,
+    job_id: JobIdDep,
+    context: ContextDep,
     limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
 ) -> list[MetricRow]:
     """Per-epoch metrics, ascending by epoch."""
@@ -74,8 +83,9 @@ def job_metrics(
 
 
 @router.post("/jobs/{job_id}/pause", status_code=202, response_model=CommandResult)
-@router.post("/pause/{job_id}", status_code=202, response_model=CommandResult,
-             include_in_schema=False)
+@router.post(
+    "/pause/{job_id}", status_code=202, response_model=CommandResult, include_in_schema=False
+)
 def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
     """Pause at the next step boundary (a queued job pauses at once)."""
     job = context.jobs.pause(job_id, actor)
@@ -84,8 +94,9 @@ def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Command
 
 
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=CommandResult)
-@router.post("/resume/{job_id}", status_code=202, response_model=CommandResult,
-             include_in_schema=False)
+@router.post(
+    "/resume/{job_id}", status_code=202, response_model=CommandResult, include_in_schema=False
+)
 def resume_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
     """Queue a paused job again; it resumes from its checkpoint."""
     job = context.jobs.resume(job_id, actor)
@@ -101,8 +112,12 @@ def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Comman
     return command_result(job, f"cancel requested; job is {job.status}")
 
 
-@router.delete("/jobs/{job_id}", status_code=202, response_model=CommandResult,
-               responses={204: {"description": "finished job archived"}})
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=202,
+    response_model=CommandResult,
+    responses={204: {"description": "finished job archived"}},
+)
 def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response | CommandResult:
     """An active job is cancelled; a finished one is archived (nothing is ever deleted)."""
     if context.jobs.get_job(job_id).status in TERMINAL:
@@ -110,4 +125,3 @@ def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Respon
         context.after_command()
         return Response(status_code=204)
     return cancel_job(job_id, context, actor)
-

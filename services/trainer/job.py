@@ -1,0 +1,234 @@
+"""Runs one training job: data, model, epochs, checkpoints, pause and cancel, outcome."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.trainer.checkpoints import (
+    Progress,
+    Stateful,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo, TrainingHooks
+from services.trainer.dataset import RFData, load_dataset, split_indices
+from services.trainer.loop import (
+    EpochPlan,
+    Geo,
+    Runtime,
+    Split,
+    Tally,
+    Trainer,
+    epoch_batches,
+    epoch_train_metrics,
+    resolve_runtime,
+    steps_per_epoch,
+    train_one_epoch,
+    validate,
+)
+from services.trainer.model import build_model
+from services.trainer.schedule import LrSchedule
+from shared.config import JobConfig
+
+CHECKPOINT_DIR, MODEL_FILE = "checkpoints", "model.pt"
+METRIC_KEYS = (
+    "epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate",
+    "gradient_norm", "val_distance_p50_m", "val_distance_p95_m", "val_rmse_m",
+    "epoch_seconds", "samples_per_second",
+)  # fmt: skip
+
+
+@dataclass
+class _Job:
+    config: JobConfig
+    workdir: Path
+    data: RFData
+    train: Split
+    val: Split
+    trainer: Trainer
+    parts: Stateful
+    progress: Progress
+    checkpoint: str | None
+
+
+def run_training(
+    config: JobConfig, workdir: Path, hooks: TrainingHooks, resume_from: Path | None = None
+) -> Outcome:
+    """Train `config`, writing `workdir`/checkpoints/ and `workdir`/model.pt.
+
+    Pause and cancel from `hooks.check` act at the next step boundary; exceptions propagate.
+    """
+    if config.devices > 1:
+        raise ValueError("devices > 1 needs a torchrun launch, which this trainer does not do yet")
+    runtime = resolve_runtime(config.accelerator, config.precision)
+    with _reproducible(runtime):
+        job = _prepare(config, workdir, runtime, resume_from)
+        hooks.on_start(_start_info(job, runtime))
+        return _run(job, hooks)
+
+
+@contextmanager
+def _reproducible(runtime: Runtime) -> Iterator[None]:
+    """Deterministic kernels on CPU (so a resume equals a straight run), fast ones on CUDA."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    if runtime.cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_float32_matmul_precision(matmul)
+
+
+def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Path | None) -> _Job:
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset)
+    train, val = _splits(data, config)
+    model = build_model(config, data.inputs.shape[1], data.inputs.shape[2:]).to(runtime.device)
+    if runtime.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    parts = _stateful(model, config, runtime, steps_per_epoch(len(train), config.batch_size))
+    progress = load_checkpoint(resume_from, parts, config) if resume_from else Progress()
+    step_model = cast(nn.Module, torch.compile(model)) if config.compile else model
+    geo = Geo(data.centre, data.scale)
+    trainer = Trainer(
+        step_model, parts.optimizer, parts.scaler, parts.schedule, runtime, geo,
+        config.max_grad_norm, config.accuracy_radius_m,
+    )  # fmt: skip
+    checkpoint = str(resume_from.resolve()) if resume_from else None
+    return _Job(config, workdir, data, train, val, trainer, parts, progress, checkpoint)
+
+
+def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
+    train_idx, val_idx = split_indices(len(data.positions), config.validation_split, config.seed)
+    inputs = torch.from_numpy(data.inputs)
+    targets = torch.from_numpy(data.normalise(data.positions)).float()
+    positions = torch.from_numpy(data.positions)
+
+    def side(idx: np.ndarray) -> Split:
+        rows = torch.from_numpy(idx)
+        return Split(inputs[rows], targets[rows], positions[rows])
+
+    return side(train_idx), side(val_idx)
+
+
+def _stateful(model: nn.Module, config: JobConfig, runtime: Runtime, steps: int) -> Stateful:
+    """AdamW without weight decay on norms and biases; a scaler only for CUDA fp16."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, fused=runtime.cuda or None)
+    schedule = LrSchedule(
+        config.lr_scheduler, config.learning_rate, config.epochs, steps, config.warmup_epochs
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.cuda and config.precision == "fp16")
+    return Stateful(model, optimizer, schedule, scaler)
+
+
+def _start_info(job: _Job, runtime: Runtime) -> StartInfo:
+    steps = steps_per_epoch(len(job.train), job.config.batch_size)
+    return StartInfo(
+        runtime.describe(),
+        len(job.train),
+        len(job.val),
+        job.progress.epoch,
+        job.config.epochs,
+        steps,
+    )
+
+
+def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
+    p, patience = job.progress, job.config.early_stop_patience
+    while p.epoch < job.config.epochs and not (patience and p.bad_epochs >= patience):
+        control = _train_epoch(job, hooks)
+        if control is Control.CANCEL:
+            return _outcome(job, "cancelled")
+        if control is Control.PAUSE and p.step < job.parts.schedule.steps_per_epoch:
+            _checkpoint(job, hooks)
+            return _outcome(job, "paused")
+        _finish_epoch(job, hooks)
+        if control is Control.PAUSE:
+            return _outcome(job, "paused")
+    path, _ = save_model(
+        job.workdir / MODEL_FILE, job.parts.model, job.config, job.data, p.last_metrics
+    )
+    return _outcome(job, "completed", str(path.resolve()))
+
+
+def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
+    p, cfg = job.progress, job.config
+    epoch, steps = p.epoch + 1, job.parts.schedule.steps_per_epoch
+    plan = EpochPlan(epoch, epoch_batches(len(job.train), cfg.batch_size, cfg.seed, epoch), p.step)
+    tally = Tally(**p.tally) if p.step else Tally()
+    control = Control.CONTINUE
+
+    def stop(step: int, loss: float, speed: float) -> bool:
+        nonlocal control
+        control = hooks.check(StepInfo(epoch, step, steps, loss, speed))
+        return control is not Control.CONTINUE
+
+    train_one_epoch(job.trainer, job.train, plan, tally, stop)
+    p.step, p.tally = tally.steps, tally.as_dict()
+    return control
+
+
+def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
+    """Validate, record the epoch's metrics and best, feed the schedule, checkpoint."""
+    p, cfg, t = job.progress, job.config, job.trainer
+    started = time.perf_counter()
+    val = validate(t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m)
+    tally = Tally(**p.tally)
+    metrics: Metrics = {
+        "epoch": p.epoch + 1, **epoch_train_metrics(tally), **val,
+        "epoch_seconds": tally.seconds + time.perf_counter() - started,
+        "samples_per_second": tally.samples / max(tally.seconds, 1e-9),
+    }  # fmt: skip
+    metrics = {key: metrics[key] for key in METRIC_KEYS}
+    monitored = float(cast(float, metrics["val_loss"] if job.val else metrics["train_loss"]))
+    is_best = p.best_loss is None or monitored < p.best_loss
+    if is_best:
+        p.best_loss, p.best_epoch, p.bad_epochs = monitored, p.epoch + 1, 0
+    else:
+        p.bad_epochs += 1
+    job.parts.schedule.end_epoch(p.epoch + 1, monitored)
+    p.epoch, p.step, p.tally, p.last_metrics = p.epoch + 1, 0, {}, metrics
+    hooks.on_epoch(dict(metrics), is_best)
+    _checkpoint(job, hooks)
+
+
+def _checkpoint(job: _Job, hooks: TrainingHooks) -> None:
+    directory = job.workdir / CHECKPOINT_DIR
+    path, digest = save_checkpoint(directory, job.parts, job.progress, job.config)
+    job.checkpoint = str(path.resolve())
+    hooks.on_checkpoint(job.progress.epoch, job.checkpoint, digest)
+
+
+def _outcome(
+    job: _Job, kind: Literal["completed", "paused", "cancelled"], model_uri: str | None = None
+) -> Outcome:
+    p = job.progress
+    best_val = p.best_loss if len(job.val) else None
+    return Outcome(
+        kind, p.epoch, job.checkpoint, dict(p.last_metrics), p.best_epoch, best_val, model_uri
+    )

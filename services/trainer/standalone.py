@@ -1,0 +1,113 @@
+"""Training without services: a job config file in, epochs printed, artifacts on disk."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+
+from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo
+from services.trainer.dataset import write_dataset
+from services.trainer.job import run_training
+from shared.config import JobConfig, SyntheticDataset
+
+
+class ConfigFileError(ValueError):
+    """A job config file that cannot be read or is not a valid job config."""
+
+
+def load_job_config(path: Path) -> JobConfig:
+    """Read a YAML or JSON job config (JSON is YAML too) and validate it."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigFileError(f"{path}: cannot read ({error})") from error
+    if not isinstance(raw, dict):
+        raise ConfigFileError(f"{path}: want a mapping of job config fields")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = [
+            f"  {'.'.join(str(part) for part in e['loc']) or '(config)'}: {e['msg']}"
+            for e in error.errors()
+        ]
+        raise ConfigFileError(f"{path}: invalid job config\n" + "\n".join(problems)) from error
+
+
+class ConsoleHooks:
+    """Prints progress; Ctrl+C asks for a pause at the next step (a second one cancels)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.interrupts = 0
+
+    def interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupts += 1
+        self.console.print("[yellow]pausing at the next step (Ctrl+C again cancels)[/]")
+
+    def on_start(self, info: StartInfo) -> None:
+        self.console.print(
+            f"training on {info.device}: {info.train_size} train / {info.val_size} val samples, "
+            f"{info.steps_per_epoch} steps per epoch, epochs {info.resumed_from_epoch + 1}"
+            f"..{info.total_epochs}"
+        )
+
+    def check(self, step: StepInfo) -> Control:
+        return (
+            (Control.CONTINUE, Control.PAUSE)[min(self.interrupts, 1)]
+            if self.interrupts < 2
+            else Control.CANCEL
+        )
+
+    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k != "epoch")
+        star = " [green]*best*[/]" if is_best else ""
+        self.console.print(f"[bold]epoch {metrics['epoch']}[/]{star} {shown}")
+
+    def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
+        self.console.print(f"  checkpoint {uri} (sha256 {sha256[:12]})", style="dim")
+
+
+def _fmt(value: float | int | None) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def train_from_file(
+    config_path: Path, artifacts_dir: Path, console: Console | None = None,
+    resume_from: Path | None = None,
+) -> Outcome:  # fmt: skip
+    """`heimdall train CONFIG`: run the job in the foreground; ConfigFileError if invalid."""
+    console = console or Console()
+    config = load_job_config(config_path)
+    hooks = ConsoleHooks(console)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, hooks.interrupt) if in_main else None
+    try:
+        outcome = run_training(config, artifacts_dir, hooks, resume_from)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+    console.print(
+        f"[bold]{outcome.kind}[/] after epoch {outcome.epoch}: "
+        f"{outcome.model_uri or outcome.checkpoint_uri or 'nothing saved'}"
+    )
+    if outcome.kind == "paused":
+        console.print(f"resume with --resume {outcome.checkpoint_uri}")
+    return outcome
+
+
+def make_dataset(path: Path, **fields: Any) -> Path:
+    """`heimdall dataset make PATH [--samples N ...]`: fields of SyntheticDataset."""
+    try:
+        cfg = SyntheticDataset.model_validate(fields)
+    except ValidationError as error:
+        raise ValueError(f"invalid dataset options: {error}") from error
+    return write_dataset(path, cfg)

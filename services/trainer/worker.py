@@ -1,0 +1,199 @@
+"""The trainer service: claim a runnable job, ack, train it off the event loop, record it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+
+from services.trainer.control import Outcome
+from services.trainer.dataset import split_indices
+from services.trainer.hooks import StoreHooks
+from services.trainer.job import run_training
+from services.trainer.leases import Lease, LeaseBook
+from services.trainer.loop import resolve_runtime
+from shared.application import TrainingJobs
+from shared.bus import NUDGE_KEYS, Bus, Envelope
+from shared.config import FilesDataset, JobConfig
+from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
+from shared.readmodel.store import ReadStore
+from shared.settings import Settings
+from shared.waiting import wait_event
+
+log = logging.getLogger(__name__)
+IDLE_SCAN_SECONDS = 2.0
+
+
+class Trainer:
+    """One job at a time. The work queue wakes it; the store decides who runs what."""
+
+    def __init__(self, settings: Settings, jobs: TrainingJobs, reads: ReadStore, bus: Bus) -> None:
+        self.settings, self.jobs, self.reads = settings, jobs, reads
+        self.worker = settings.worker_name
+        self.leases = LeaseBook(reads, settings.lease_seconds)
+        self.current: StoreHooks | None = None
+        self._wake = asyncio.Event()
+        bus.subscribe_work(self.on_work)
+        bus.subscribe_fanout(NUDGE_KEYS, self.on_nudge)
+
+    async def on_work(self, envelope: Envelope) -> None:
+        """A job may be runnable: look now (acked at once; the store holds the truth)."""
+        self._wake.set()
+
+    async def on_nudge(self, envelope: Envelope) -> None:
+        if self.current is not None and str(self.current.job_id) == envelope.job_id:
+            self.current.nudged.set()
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        reaper = asyncio.create_task(self._reap_forever(stop))
+        while not stop.is_set():
+            try:
+                ran = await self.run_next()
+            except Exception:
+                log.exception("trainer %s: looking for work failed", self.worker)
+                ran = False
+            if not ran:
+                await wait_event(self._wake, IDLE_SCAN_SECONDS)
+                self._wake.clear()
+        reaper.cancel()
+
+    async def run_next(self) -> bool:
+        """Claim the oldest runnable job and train it; False when there was none."""
+        for job_id in await asyncio.to_thread(self.reads.queued_job_ids):
+            claimed = await asyncio.to_thread(self._claim, UUID(job_id))
+            if claimed is not None:
+                await self._train(claimed)
+                return True
+        return False
+
+    def _claim(self, job_id: UUID) -> tuple[TrainingJob, StoreHooks] | None:
+        job = self.jobs.get_job(job_id)
+        if job.status != QUEUED:
+            return None
+        config = JobConfig.model_validate(job.config)
+        self.leases.renew(str(job_id), self.worker, job.attempt + 1)
+        try:
+            device = resolve_runtime(config.accelerator, config.precision).describe()
+            train, val = dataset_sizes(config)
+            job = self.jobs.change(job_id, lambda j: j.claim(self.worker, device, train, val))
+        except IllegalTransitionError:
+            return None
+        except Exception as error:
+            self._record_failure(job_id, job.attempt + 1, error, claim_first=True)
+            return None
+        return job, StoreHooks(self.jobs, job_id, self.worker, job.attempt)
+
+    async def _train(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
+        job, hooks = claimed
+        self.current = hooks
+        heartbeat = asyncio.create_task(self._heartbeat(hooks))
+        try:
+            await asyncio.to_thread(self._run, job, hooks)
+        finally:
+            heartbeat.cancel()
+            self.current = None
+            await asyncio.to_thread(self.leases.release, str(job.id), self.worker)
+
+    def _run(self, job: TrainingJob, hooks: StoreHooks) -> None:
+        config = JobConfig.model_validate(job.config)
+        workdir = self.settings.artifacts / str(job.id)
+        resume = Path(job.checkpoint_path) if job.checkpoint_path else None
+        log.info("trainer %s: job %s attempt %d", self.worker, job.id, hooks.attempt)
+        try:
+            outcome = run_training(config, workdir, hooks, resume_from=resume)
+            self.jobs.change(job.id, lambda j: record_outcome(j, hooks, outcome))
+        except ClaimLostError as lost:
+            log.warning("trainer %s: %s; stopping without writing", self.worker, lost)
+        except Exception as error:
+            log.exception("trainer %s: job %s failed", self.worker, job.id)
+            self._record_failure(job.id, hooks.attempt, error)
+
+    def _record_failure(
+        self, job_id: UUID, attempt: int, error: Exception, claim_first: bool = False
+    ) -> None:
+        def fail(job: TrainingJob) -> None:
+            if claim_first:
+                job.claim(self.worker, "none", 0, 0)
+            job.fail(self.worker, attempt, str(error)[:2000], type(error).__name__)
+
+        try:
+            self.jobs.change(job_id, fail)
+        except ClaimLostError:
+            log.warning(
+                "trainer %s: job %s no longer ours; failure not recorded", self.worker, job_id
+            )
+
+    async def _heartbeat(self, hooks: StoreHooks) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(
+                    self.leases.renew, str(hooks.job_id), self.worker, hooks.attempt
+                )
+            except Exception as error:
+                log.warning("trainer %s: lease renewal failed: %s", self.worker, error)
+
+    async def _reap_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.reap)
+            except Exception as error:
+                log.warning("trainer %s: reaping failed: %s", self.worker, error)
+            await wait_event(stop, min(self.settings.lease_seconds / 3, 10.0))
+
+    def reap(self) -> list[str]:
+        """Record `WorkerLost` once for each running job whose trainer's lease lapsed."""
+        lost = []
+        for job_id in self.leases.lapsed():
+            lease = self.leases.holder(job_id)
+            job = self.jobs.get_job(UUID(job_id))
+            if lease is not None and lease.attempt == job.attempt and not _expired(lease):
+                continue
+            self._lose(job.id, job.attempt)
+            lost.append(job_id)
+        return lost
+
+    def _lose(self, job_id: UUID, attempt: int) -> None:
+        self.jobs.change(job_id, lambda job: job.lose_worker(attempt, self.worker))
+
+
+def record_outcome(job: TrainingJob, hooks: StoreHooks, outcome: Outcome) -> None:
+    """The one event that says how the run ended."""
+    worker, attempt = hooks.worker, hooks.attempt
+    if outcome.kind == "completed":
+        job.complete(
+            worker,
+            attempt,
+            {
+                "final_metrics": dict(outcome.final_metrics),
+                "best_epoch": outcome.best_epoch,
+                "best_val_loss": outcome.best_val_loss,
+                "model_uri": outcome.model_uri,
+            },
+        )
+    elif outcome.kind == "paused":
+        job.pause(worker, attempt, outcome.epoch, outcome.checkpoint_uri or "")
+    else:
+        job.cancel(worker, attempt, outcome.epoch)
+
+
+def dataset_sizes(config: JobConfig) -> tuple[int, int]:
+    """Train and validation sizes, known without generating or loading the data."""
+    if isinstance(config.dataset, FilesDataset):
+        n = int(np.load(Path(config.dataset.path) / "inputs.npy", mmap_mode="r").shape[0])
+    else:
+        n = config.dataset.samples
+    train, val = split_indices(n, config.validation_split, config.seed)
+    return len(train), len(val)
+
+
+def _expired(lease: Lease) -> bool:
+    return lease.expires_at < time.time()
+
+
+def build_trainer(settings: Settings, jobs: TrainingJobs, reads: ReadStore, bus: Bus) -> Trainer:
+    return Trainer(settings, jobs, reads, bus)
