@@ -160,3 +160,39 @@ def replay() -> None:
         f"{report.jobs} jobs, {report.metrics} metric rows; live tables {verdict}"
     )
     raise typer.Exit(0 if report.equal else 1)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON")],
+    artifacts: Annotated[Path, typer.Option(help="where checkpoints and model.pt go")] = Path(
+        "var/standalone"
+    ),
+) -> None:
+    """Train in the foreground from a job config, with no store, broker or api."""
+    from services.trainer.standalone import train_from_file
+
+    train_from_file(config, artifacts, console)
+
+
+@dataset_app.command("make")
+def dataset_make(
+    path: Path,
+    samples: int = 2048,
+    receivers: int = 7,
+    n_mels: int = 64,
+    frames: int = 32,
+    seed: int = 0,
+) -> None:
+    """Write a synthetic dataset to PATH in the documented on-disk format."""
+    from services.trainer.dataset import write_dataset
+    from shared.config import SyntheticDataset
+
+    cfg = SyntheticDataset(
+        samples=samples, receivers=receivers, n_mels=n_mels, frames=frames, seed=seed
+    )
+    console.print(f"wrote {write_dataset(path, cfg)}")
+
+
+if __name__ == "__main__":
+    app()

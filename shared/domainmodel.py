@@ -277,8 +277,19 @@ class TrainingJob(Aggregate):
         self.archived = True
 
 
-register_topic(TOPIC + "TrainingJob", TrainingJob)
-register_topic(TOPIC + "TrainingJob.Snapshot", TrainingJob.Snapshot)
+
+
+def _register_topics() -> None:
+    """Pin the stored topics, so that any process can decode them and modules can move."""
+    register_topic(TOPIC + "TrainingJob", TrainingJob)
+    register_topic(TOPIC + "TrainingJob.Snapshot", TrainingJob.Snapshot)
+    for member in vars(TrainingJob).values():
+        pinned = getattr(member, "TOPIC", None)
+        if isinstance(member, type) and isinstance(pinned, str):
+            register_topic(pinned, member)
+
+
+_register_topics()
 
 
 def job_kind(event_topic_or_name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 BUS_VERSION = "1.0.0"
 DOCS_URL = "amqp://guest:guest@rabbitmq:5672/"
 HEALTH_SECONDS = 1.0
+PING_SECONDS = 0.2
 DEAD_LETTER_MAX = 100_000
 Consumer = Callable[..., Awaitable[None]]
+_PUBLISHED = {TELEMETRY_KEY: "Live step telemetry between epochs; never in the store."}
 
 
 def _uuid() -> str:
@@ -109,6 +112,7 @@ class RabbitBus(Bus):
         self._bindings: list[tuple[RabbitQueue, tuple[str, ...]]] = [(self._work, WORK_KEYS)]
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
         self._private_id = private_id
+        self._started = False
         keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY)
         self._publishers = {key: self._publisher(key) for key in keys}
 
@@ -157,14 +161,16 @@ class RabbitBus(Bus):
             for key in keys:
                 await declared.bind(exchange, routing_key=key, robust=True)
         await self._broker.start()
+        self._started = True
 
     async def stop(self) -> None:
+        self._started = False
         await self._broker.stop()
 
     async def publish(self, envelope: Envelope) -> None:
         key = envelope.routing_key
-        if key not in self._publishers:
-            raise ValueError(f"no route for routing key {key!r}")
+        if not self._started:
+            raise ConnectionError("the bus is not started (or its start failed)")
         publishing = self._publishers[key].publish(envelope, message_id=str(envelope.position))
         try:
             await asyncio.wait_for(publishing, self._publish_seconds)
@@ -180,7 +186,7 @@ class RabbitBus(Bus):
             return False
 
     async def _usable(self) -> bool:
-        if not await self._broker.ping(timeout=HEALTH_SECONDS):
+        if not await self._broker.ping(timeout=PING_SECONDS):
             return False
         channel = await self._broker.config.channel_manager.get_channel()
         return not channel.is_closed
@@ -193,7 +199,7 @@ class RabbitBus(Bus):
             timeout=self._publish_seconds,
             schema=Envelope,
             title=f"{key}:publish",
-            description=f"Every stored event routed as `{key}`, in store order.",
+            description=_PUBLISHED.get(key, f"Each stored `{key}` event, in store order."),
         )
 
 
@@ -222,11 +228,11 @@ def _work_consumer(handler: Handler, retry_seconds: float) -> Consumer:
 
 def _backoff(message: RabbitMessage, retry_seconds: float) -> float:
     count = (message.raw_message.headers or {}).get("x-delivery-count", 0)
-    return float(retry_seconds * 2 ** min(count if isinstance(count, int) else 0, 5))
+    return float(retry_seconds * 2 ** min(count if isinstance(count, int) else 0, 4))
 
 
 def asyncapi_app() -> FastStream:
-    """The bus as its services use it, for `faststream docs gen --factory`."""
+    """The bus as its services use it: `python -m shared.rabbit > docs/asyncapi.json`."""
     bus = RabbitBus(DOCS_URL, private_id=lambda: "{uuid}")
     bus.subscribe_work(_trainer_claims)
     bus.subscribe_fanout(NUDGE_KEYS, _trainer_nudges)
@@ -251,3 +257,13 @@ async def _trainer_nudges(envelope: Envelope) -> None:
 
 async def _api_live_events(envelope: Envelope) -> None:
     """Each api replica relays every event to its WebSocket clients."""
+
+
+def asyncapi_json() -> str:
+    """The AsyncAPI document, keys sorted so that regenerating it gives a stable diff."""
+    document = asyncapi_app().schema.to_specification().to_jsonable()
+    return json.dumps(document, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    print(asyncapi_json())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import psycopg
 import psycopg_pool
@@ -42,11 +43,21 @@ def install(app: FastAPI) -> None:
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
+    encoded = _finite(jsonable_encoder(errors))
     if any(_not_json(e) for e in errors):
-        return JSONResponse(
-            {"detail": "malformed JSON body", "errors": jsonable_encoder(errors)}, status_code=400
-        )
-    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        return JSONResponse({"detail": "malformed JSON body", "errors": encoded}, status_code=400)
+    return JSONResponse({"detail": encoded}, status_code=422)
+
+
+def _finite(value: object) -> object:
+    """Echoed inputs may hold NaN or infinities (`1e400`), which JSON cannot carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _not_json(error: dict[str, object]) -> bool:

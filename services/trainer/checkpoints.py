@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,7 @@ def read_payload(path: Path) -> dict[str, Any]:
     """A checkpoint or model file's dict, after checking its format version."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path}: cannot read ({error})") from error
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path}: not a Heimdall checkpoint")
@@ -188,14 +189,13 @@ def save_model(
     path: Path, model: nn.Module, config: JobConfig, data: RFData, metrics: Metrics
 ) -> tuple[Path, str]:
     """Write the trained model with what inference needs to use it."""
-    sites = zip(data.receiver_names, data.receivers.tolist(), strict=True)
     payload = {
         "format_version": FORMAT_VERSION,
         "kind": MODEL_KIND,
         "config": config.model_dump(mode="json"),
         "state_dict": model.state_dict(),
         "input_shape": list(data.inputs.shape[1:]),
-        "receivers": [{"name": n, "lat": lat, "lon": lon} for n, (lat, lon) in sites],
+        "receivers": data.sites(),
         "normalisation": {"centre": list(data.centre), "scale": list(data.scale)},
         "metrics": metrics,
     }

@@ -7,6 +7,9 @@ On-disk format (a directory, written by `write_dataset`, read by `load_dataset`)
 - `positions.npy`: float64 `[N, 2]`, the transmitter's (lat, lon) in degrees;
 - `receivers.json`: a list of R `{"name": str, "lat": float, "lon": float}`;
 - `dataset.json` (optional, not read): the generator's parameters.
+
+Positions are learned normalised over the receivers' region (their bounding box plus a
+margin): (lat, lon) minus its centre, divided by its half-size.
 """
 
 from __future__ import annotations
@@ -65,7 +68,13 @@ class RFData:
 
     def normalise(self, positions: FloatArray) -> FloatArray:
         """Positions in degrees to about -1..1 across the receivers' region."""
-        return (positions - np.asarray(self.centre)) / np.asarray(self.scale)
+        normalised: FloatArray = (positions - np.asarray(self.centre)) / np.asarray(self.scale)
+        return normalised
+
+    def sites(self) -> list[dict[str, str | float]]:
+        """The receivers as `receivers.json` lists them."""
+        rows = zip(self.receiver_names, self.receivers.tolist(), strict=True)
+        return [{"name": name, "lat": lat, "lon": lon} for name, (lat, lon) in rows]
 
 
 def haversine_m(a: FloatArray, b: FloatArray) -> FloatArray:
@@ -128,17 +137,9 @@ def write_dataset(path: Path, cfg: SyntheticDataset) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / INPUTS_FILE, data.inputs)
     np.save(path / POSITIONS_FILE, data.positions)
-    sites = [{"name": n, "lat": float(a), "lon": float(o)} for n, (a, o) in _named(data)]
-    (path / RECEIVERS_FILE).write_text(json.dumps(sites, indent=2) + "\n")
+    (path / RECEIVERS_FILE).write_text(json.dumps(data.sites(), indent=2) + "\n")
     (path / "dataset.json").write_text(json.dumps(cfg.model_dump(), indent=2) + "\n")
     return path
-
-
-def _named(data: RFData) -> list[tuple[str, tuple[float, float]]]:
-    return [
-        (n, (float(p[0]), float(p[1])))
-        for n, p in zip(data.receiver_names, data.receivers, strict=True)
-    ]
 
 
 def read_dataset(path: Path) -> RFData:

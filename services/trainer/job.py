@@ -12,6 +12,7 @@ from typing import Literal, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import nn
 
 from services.trainer.checkpoints import (
@@ -60,6 +61,10 @@ class _Job:
     parts: Stateful
     progress: Progress
     checkpoint: str | None
+
+    @property
+    def steps(self) -> int:
+        return self.parts.schedule.steps_per_epoch
 
 
 def run_training(
@@ -124,7 +129,7 @@ def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
     targets = torch.from_numpy(data.normalise(data.positions)).float()
     positions = torch.from_numpy(data.positions)
 
-    def side(idx: np.ndarray) -> Split:
+    def side(idx: NDArray[np.int64]) -> Split:
         rows = torch.from_numpy(idx)
         return Split(inputs[rows], targets[rows], positions[rows])
 
@@ -147,15 +152,8 @@ def _stateful(model: nn.Module, config: JobConfig, runtime: Runtime, steps: int)
 
 
 def _start_info(job: _Job, runtime: Runtime) -> StartInfo:
-    steps = steps_per_epoch(len(job.train), job.config.batch_size)
-    return StartInfo(
-        runtime.describe(),
-        len(job.train),
-        len(job.val),
-        job.progress.epoch,
-        job.config.epochs,
-        steps,
-    )
+    sizes = len(job.train), len(job.val)
+    return StartInfo(runtime.describe(), *sizes, job.progress.epoch, job.config.epochs, job.steps)
 
 
 def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
@@ -164,7 +162,7 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
         control = _train_epoch(job, hooks)
         if control is Control.CANCEL:
             return _outcome(job, "cancelled")
-        if control is Control.PAUSE and p.step < job.parts.schedule.steps_per_epoch:
+        if control is Control.PAUSE and p.step < job.steps:
             _checkpoint(job, hooks)
             return _outcome(job, "paused")
         _finish_epoch(job, hooks)
@@ -178,7 +176,7 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
 
 def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
     p, cfg = job.progress, job.config
-    epoch, steps = p.epoch + 1, job.parts.schedule.steps_per_epoch
+    epoch, steps = p.epoch + 1, job.steps
     plan = EpochPlan(epoch, epoch_batches(len(job.train), cfg.batch_size, cfg.seed, epoch), p.step)
     tally = Tally(**p.tally) if p.step else Tally()
     control = Control.CONTINUE
@@ -195,16 +193,8 @@ def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
 
 def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
     """Validate, record the epoch's metrics and best, feed the schedule, checkpoint."""
-    p, cfg, t = job.progress, job.config, job.trainer
-    started = time.perf_counter()
-    val = validate(t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m)
-    tally = Tally(**p.tally)
-    metrics: Metrics = {
-        "epoch": p.epoch + 1, **epoch_train_metrics(tally), **val,
-        "epoch_seconds": tally.seconds + time.perf_counter() - started,
-        "samples_per_second": tally.samples / max(tally.seconds, 1e-9),
-    }  # fmt: skip
-    metrics = {key: metrics[key] for key in METRIC_KEYS}
+    p = job.progress
+    metrics = _epoch_metrics(job, Tally(**p.tally))
     monitored = float(cast(float, metrics["val_loss"] if job.val else metrics["train_loss"]))
     is_best = p.best_loss is None or monitored < p.best_loss
     if is_best:
@@ -215,6 +205,17 @@ def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
     p.epoch, p.step, p.tally, p.last_metrics = p.epoch + 1, 0, {}, metrics
     hooks.on_epoch(dict(metrics), is_best)
     _checkpoint(job, hooks)
+
+
+def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
+    """Exactly METRIC_KEYS; throughput counts training steps only."""
+    cfg, t = job.config, job.trainer
+    started = time.perf_counter()
+    val = validate(t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m)
+    metrics: Metrics = {"epoch": job.progress.epoch + 1, **epoch_train_metrics(tally), **val}
+    metrics["epoch_seconds"] = tally.seconds + time.perf_counter() - started
+    metrics["samples_per_second"] = tally.samples / max(tally.seconds, 1e-9)
+    return {key: metrics[key] for key in METRIC_KEYS}
 
 
 def _checkpoint(job: _Job, hooks: TrainingHooks) -> None:

@@ -105,8 +105,22 @@ class Tally:
     loss_sum: float = 0.0
     hits: int = 0
     grad_norm_sum: float = 0.0
+    finite_norms: int = 0
     learning_rate: float = 0.0
     seconds: float = 0.0
+
+    def add(self, samples: int, loss: float, grad_norm: float, hits: int) -> None:
+        self.samples, self.steps, self.hits = (
+            self.samples + samples,
+            self.steps + 1,
+            self.hits + hits,
+        )
+        self.loss_sum += loss * samples
+        if math.isfinite(grad_norm):  # fp16 steps skipped for overflow have none
+            self.grad_norm_sum, self.finite_norms = (
+                self.grad_norm_sum + grad_norm,
+                self.finite_norms + 1,
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,9 +181,7 @@ def train_one_epoch(
             idx = plan.batches[index]
             tally.learning_rate = t.schedule.apply(t.optimizer, plan.epoch, index)
             loss, norm, hits = _step(t, data, idx)
-            tally.samples, tally.steps = tally.samples + len(idx), tally.steps + 1
-            tally.loss_sum += loss * len(idx)
-            tally.grad_norm_sum, tally.hits = tally.grad_norm_sum + norm, tally.hits + hits
+            tally.add(len(idx), loss, norm, hits)
             done = index + 1 - plan.first_step
             if stop(index + 1, loss, done * len(idx) / (time.perf_counter() - started)):
                 return True
@@ -195,19 +207,19 @@ def _step(t: Trainer, data: Split, idx: Tensor) -> tuple[float, float, int]:
         haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos) <= t.accuracy_radius_m
     ).sum()
     values = torch.stack([loss.detach().double(), norm.double(), hits.double()]).tolist()
-    if not math.isfinite(values[0]) and not t.scaler.is_enabled():
+    if not math.isfinite(values[0]):
         raise FloatingPointError(f"training loss became {values[0]}")
     return values[0], values[1], int(values[2])
 
 
 def epoch_train_metrics(tally: Tally) -> dict[str, float | int | None]:
-    """Per-sample means of the epoch's training steps."""
+    """Per-sample means over the epoch's steps; the pre-clipping gradient norm per step."""
     n = max(tally.samples, 1)
     return {
         "train_loss": tally.loss_sum / n,
         "train_accuracy": tally.hits / n,
         "learning_rate": tally.learning_rate,
-        "gradient_norm": tally.grad_norm_sum / max(tally.steps, 1),
+        "gradient_norm": tally.grad_norm_sum / tally.finite_norms if tally.finite_norms else None,
     }
 
 

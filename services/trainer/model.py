@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, cast
 
@@ -86,23 +87,36 @@ def _probe(model: Localiser, name: str, in_chans: int, size: tuple[int, int]) ->
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     """Load a local timm/torchvision-style checkpoint, adapting the stem to `in_chans`."""
-    raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    own = backbone.state_dict()
+    fitted = {}
+    for key, value in _read_state_dict(path).items():
+        weight = _fit(value, own[key]) if key in own else None
+        if weight is not None:
+            fitted[key] = weight
+    if not fitted:
+        raise ValueError(f"pretrained_path {path}: no weights match this model")
+    backbone.load_state_dict(fitted, strict=False)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        raw: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(f"pretrained_path {path}: cannot read weights ({error})") from error
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]
             break
     if not isinstance(raw, dict):
         raise ValueError(f"pretrained_path {path}: not a state_dict")
-    own = backbone.state_dict()
-    usable = {k.removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
-    loaded = {}
-    for key, value in usable.items():
-        if key not in own:
-            continue
-        if value.shape != own[key].shape and value.ndim == 4:
-            value = adapt_input_conv(own[key].shape[1], value)
-        if value.shape == own[key].shape:
-            loaded[key] = value
-    if not loaded:
-        raise ValueError(f"pretrained_path {path}: no weights match this model")
-    backbone.load_state_dict(loaded, strict=False)
+    return {str(k).removeprefix("module."): v for k, v in raw.items() if isinstance(v, Tensor)}
+
+
+def _fit(value: Tensor, want: Tensor) -> Tensor | None:
+    """The weight as this model needs it: a stem conv gets adapted to the input channels."""
+    if value.shape == want.shape:
+        return value
+    if value.ndim == 4 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:]:
+        adapted: Tensor = adapt_input_conv(want.shape[1], value)
+        return adapted
+    return None

@@ -13,9 +13,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo
-from services.trainer.dataset import write_dataset
 from services.trainer.job import run_training
-from shared.config import JobConfig, SyntheticDataset
+from shared.config import JobConfig
 
 
 class ConfigFileError(ValueError):
@@ -59,11 +58,9 @@ class ConsoleHooks:
         )
 
     def check(self, step: StepInfo) -> Control:
-        return (
-            (Control.CONTINUE, Control.PAUSE)[min(self.interrupts, 1)]
-            if self.interrupts < 2
-            else Control.CANCEL
-        )
+        if self.interrupts == 0:
+            return Control.CONTINUE
+        return Control.PAUSE if self.interrupts == 1 else Control.CANCEL
 
     def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k != "epoch")
@@ -81,9 +78,11 @@ def _fmt(value: float | int | None) -> str:
 
 
 def train_from_file(
-    config_path: Path, artifacts_dir: Path, console: Console | None = None,
+    config_path: Path,
+    artifacts_dir: Path,
+    console: Console | None = None,
     resume_from: Path | None = None,
-) -> Outcome:  # fmt: skip
+) -> Outcome:
     """`heimdall train CONFIG`: run the job in the foreground; ConfigFileError if invalid."""
     console = console or Console()
     config = load_job_config(config_path)
@@ -102,12 +101,3 @@ def train_from_file(
     if outcome.kind == "paused":
         console.print(f"resume with --resume {outcome.checkpoint_uri}")
     return outcome
-
-
-def make_dataset(path: Path, **fields: Any) -> Path:
-    """`heimdall dataset make PATH [--samples N ...]`: fields of SyntheticDataset."""
-    try:
-        cfg = SyntheticDataset.model_validate(fields)
-    except ValidationError as error:
-        raise ValueError(f"invalid dataset options: {error}") from error
-    return write_dataset(path, cfg)

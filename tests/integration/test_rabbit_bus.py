@@ -4,31 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
 
 from shared.bus import ALL_KEYS, NUDGE_KEYS, ROUTING_KEYS, WORK_KEYS, Envelope
 from shared.rabbit import RabbitBus
+from tests.integration.conftest import RABBIT_URL, TcpProxy
 
 pytestmark = pytest.mark.rabbit
-URL = os.environ.get("HEIMDALL_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
 BusFactory = Callable[..., RabbitBus]
+FAST = {"retry_seconds": 0.01, "publish_seconds": 2.0, "reconnect_seconds": 0.2}
 
 
 def envelope(position: int, kind: str = "Submitted") -> Envelope:
     return Envelope(
-        position=position, job_id=str(uuid.uuid4()), version=1, kind=kind,
-        routing_key=ROUTING_KEYS[kind], timestamp=datetime.now(UTC), actor="test", data={},
+        position=position,
+        job_id=str(uuid.uuid4()),
+        version=1,
+        kind=kind,
+        routing_key=ROUTING_KEYS[kind],
+        timestamp=datetime.now(UTC),
+        actor="test",
+        data={},
     )
 
 
@@ -48,10 +53,19 @@ class Inbox:
         self.received.append(envelope)
 
     async def wait(self, count: int, seconds: float = 10.0) -> list[int]:
-        deadline = time.monotonic() + seconds
-        while len(self.received) < count and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await until(lambda: len(self.received) >= count, seconds)
+        return self.positions
+
+    @property
+    def positions(self) -> list[int]:
         return [e.position for e in self.received]
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return condition()
 
 
 @dataclass
@@ -60,25 +74,12 @@ class Names:
     work: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def with_port(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.netloc.rsplit('@', 1)[0]}@127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 @pytest.fixture
 async def amqp() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     try:
-        connection = await aio_pika.connect(URL, timeout=3)
+        connection = await aio_pika.connect(RABBIT_URL, timeout=3)
     except Exception as error:
-        pytest.skip(f"RabbitMQ not reachable at {URL}: {error}")
+        pytest.skip(f"RabbitMQ not reachable at {RABBIT_URL}: {error}")
     async with connection:
         yield await connection.channel()
 
@@ -96,14 +97,192 @@ async def names(amqp: aio_pika.abc.AbstractChannel) -> AsyncIterator[Names]:
 async def make_bus(names: Names) -> AsyncIterator[BusFactory]:
     buses: list[RabbitBus] = []
 
-    def make(url: str = URL, **options: Any) -> RabbitBus:
-        options = {"retry_seconds": 0.01, "publish_seconds": 2.0, "reconnect_seconds": 0.2}
-        bus = RabbitBus(url, names.exchange, names.work, **(defaults | options))
+    def make(url: str = RABBIT_URL, **options: Any) -> RabbitBus:
+        bus = RabbitBus(url, names.exchange, names.work, **(FAST | options))
         buses.append(bus)
         return bus
 
-    defaults = {"retry_seconds": 0.01, "publish_seconds": 2.0, "reconnect_seconds": 0.2}
     yield make
     for bus in buses:
         with contextlib.suppress(Exception):
             await bus.stop()
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await probe():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_envelopes_arrive_in_order_with_the_position_as_message_id(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    bus = make_bus()
+    await bus.start()
+    tap = await amqp.declare_queue(exclusive=True)
+    await tap.bind(names.exchange, "training.#")
+    sent = [envelope(3 * n, kind) for n, kind in enumerate([*ROUTING_KEYS] * 2, start=1)]
+    for item in sent:
+        await bus.publish(item)
+    got = [await tap.get(timeout=5) for _ in sent]
+    assert [m.message_id for m in got] == [str(e.position) for e in sent]
+    assert [Envelope.model_validate_json(m.body) for m in got] == sent
+    assert [m.routing_key for m in got] == [e.routing_key for e in sent]
+    assert {m.delivery_mode for m in got} == {aio_pika.DeliveryMode.PERSISTENT}
+
+
+async def test_work_goes_to_exactly_one_of_two_competing_trainers(make_bus: BusFactory) -> None:
+    first, second = Inbox(delay=0.01), Inbox(delay=0.01)
+    trainers = [make_bus(), make_bus()]
+    for bus, inbox in zip(trainers, (first, second), strict=True):
+        bus.subscribe_work(inbox)
+        await bus.start()
+    publisher = make_bus()
+    await publisher.start()
+    for position in range(1, 31):
+        await publisher.publish(envelope(position, kinds_for(WORK_KEYS)[position % 3]))
+    await until(lambda: len(first.received) + len(second.received) >= 30)
+    await asyncio.sleep(0.3)
+    positions = first.positions + second.positions
+    assert sorted(positions) == list(range(1, 31))
+    assert first.received and second.received
+
+
+async def test_fanout_reaches_every_subscriber_by_its_keys(make_bus: BusFactory) -> None:
+    watchers, nudged = [Inbox(), Inbox()], Inbox()
+    buses = [make_bus() for _ in range(3)]
+    buses[0].subscribe_fanout(ALL_KEYS, watchers[0])
+    buses[1].subscribe_fanout(ALL_KEYS, watchers[1])
+    buses[2].subscribe_fanout(NUDGE_KEYS, nudged)
+    for bus in buses:
+        await bus.start()
+    sent = [envelope(p, kind) for p, kind in enumerate(ROUTING_KEYS, start=1)]
+    for item in sent:
+        await buses[0].publish(item)
+    for watcher in watchers:
+        assert await watcher.wait(len(sent)) == [e.position for e in sent]
+    nudges = [e.position for e in sent if e.routing_key in NUDGE_KEYS]
+    assert await nudged.wait(len(nudges)) == nudges
+
+
+async def test_an_event_nobody_listens_to_does_not_raise(make_bus: BusFactory) -> None:
+    bus = make_bus()
+    await bus.start()
+    await bus.publish(envelope(1, "Archived"))
+    await bus.publish(envelope(2, "EpochCompleted"))
+
+
+async def test_a_work_message_with_no_queue_raises(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    bus = make_bus()
+    await bus.start()
+    await amqp.queue_delete(names.work)
+    with pytest.raises(aio_pika.exceptions.PublishError):
+        await bus.publish(envelope(1, "Submitted"))
+
+
+async def test_an_unreachable_broker_fails_fast(
+    make_bus: BusFactory, rabbit_proxy: TcpProxy
+) -> None:
+    await rabbit_proxy.cut(stay_down=True)
+    bus = make_bus(rabbit_proxy.url)
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the service exits and is restarted
+        await bus.start()
+    with pytest.raises(ConnectionError):
+        await bus.publish(envelope(1))
+    assert time.monotonic() - started < 5
+    assert await bus.healthy() is False
+
+
+async def test_work_waits_in_the_durable_queue_for_a_trainer(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    projector = make_bus()
+    await projector.start()
+    await projector.publish(envelope(7))
+    await projector.stop()
+    queue = await amqp.declare_queue(names.work, passive=True)
+    assert queue.declaration_result.message_count == 1
+    inbox = Inbox()
+    trainer = make_bus()
+    trainer.subscribe_work(inbox)
+    await trainer.start()
+    assert await inbox.wait(1) == [7]
+
+
+async def test_a_poison_work_message_is_dead_lettered_after_the_delivery_limit(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    calls: list[int] = []
+
+    async def fail(envelope: Envelope) -> None:
+        calls.append(envelope.position)
+        raise RuntimeError("poison")
+
+    trainer = make_bus(delivery_limit=2)
+    trainer.subscribe_work(fail)
+    await trainer.start()
+    await trainer.publish(envelope(5))
+
+    async def dead_lettered() -> bool:
+        dead = await amqp.declare_queue(f"{names.work}.dead", passive=True)
+        return dead.declaration_result.message_count == 1
+
+    assert await eventually(dead_lettered, 10)
+    assert calls == [5, 5, 5]
+
+
+async def test_health_follows_the_connection(make_bus: BusFactory) -> None:
+    bus = make_bus()
+    await bus.start()
+    assert await bus.healthy() is True
+    await bus.stop()
+    started = time.monotonic()
+    assert await bus.healthy() is False
+    assert time.monotonic() - started < 1.5
+
+
+async def test_consumers_and_bindings_come_back_after_the_connection_drops(
+    make_bus: BusFactory, rabbit_proxy: TcpProxy
+) -> None:
+    work, nudges = Inbox(), Inbox()
+    bus = make_bus(rabbit_proxy.url)
+    bus.subscribe_work(work)
+    bus.subscribe_fanout(NUDGE_KEYS, nudges)
+    await bus.start()
+    await bus.publish(envelope(1, "Submitted"))
+    await bus.publish(envelope(2, "PauseRequested"))
+    assert await work.wait(1) == [1]
+    assert await nudges.wait(1) == [2]
+    await asyncio.sleep(0.2)  # let the acks reach the broker
+    await rabbit_proxy.cut()
+    assert await eventually(bus.healthy)
+    await asyncio.sleep(0.5)  # consumers are restored right after the channel
+    await bus.publish(envelope(3, "WorkerLost"))
+    await bus.publish(envelope(4, "CancelRequested"))
+    assert await until(lambda: 3 in work.positions and 4 in nudges.positions)
+
+
+async def test_publish_during_an_outage_raises_quickly_then_recovers(
+    make_bus: BusFactory, rabbit_proxy: TcpProxy
+) -> None:
+    watch = Inbox()
+    bus = make_bus(rabbit_proxy.url)
+    bus.subscribe_fanout(ALL_KEYS, watch)
+    await bus.start()
+    await rabbit_proxy.cut(stay_down=True)
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - the projector retries on any error
+        await bus.publish(envelope(1))
+    assert time.monotonic() - started < 3
+    assert await bus.healthy() is False
+    await rabbit_proxy.open()
+    assert await eventually(bus.healthy)
+    await asyncio.sleep(0.5)
+    await bus.publish(envelope(2))
+    assert await watch.wait(1) == [2]

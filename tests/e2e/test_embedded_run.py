@@ -1,0 +1,43 @@
+"""`heimdall up`: the whole system in one process on the embedded default, over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.settings import Settings
+from tests.processes import API, Service, free_port, settings_env, tiny_config, wait_healthy
+from tests.processes import wait_status
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[httpx.Client]:
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "var", poll_seconds=0.05)  # type: ignore[call-arg]
+    env = settings_env(settings, api_port=port, api_host="127.0.0.1")
+    service = Service("up", env, tmp_path, "up").start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        try:
+            wait_healthy(client)
+            yield client
+        finally:
+            service.stop()
+            print(service.log()[-3000:])
+
+
+def test_embedded_run_trains_a_job_to_completion(embedded: httpx.Client) -> None:
+    created = embedded.post(f"{API}/jobs", json={"job_name": "e2e", "config": tiny_config()})
+    assert created.status_code == 201, created.text
+    done = wait_status(embedded, created.json()["id"], ("completed", "failed"), timeout=180)
+    assert done["status"] == "completed", done
+    assert done["current_epoch"] == 3 and done["progress_percent"] == 100.0
+    assert Path(done["model_path"]).is_file()
+    metrics = embedded.get(f"{API}/jobs/{done['id']}/metrics").json()
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert all(m["val_distance_p50_m"] > 0 for m in metrics)
+    kinds = [e["kind"] for e in embedded.get(f"{API}/jobs/{done['id']}/events").json()["events"]]
+    assert kinds[0] == "Submitted" and kinds[1] == "Started" and kinds[-1] == "Completed"
+    assert kinds.count("EpochCompleted") == 3

@@ -1,0 +1,222 @@
+"""The services as separate processes on PostgreSQL and RabbitMQ (DESIGN §1, issue 3)."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.projector.replay import replay
+from shared.bootstrap import build_app, build_read_store
+from shared.settings import Settings
+from tests.conftest import RABBIT_URL
+from tests.processes import (
+    API,
+    Service,
+    free_port,
+    settings_env,
+    tiny_config,
+    wait_healthy,
+    wait_status,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
+FINISHED = ("completed", "failed", "cancelled")
+# Long enough epochs to act mid-epoch on two shared cores: ~60 steps each.
+SLOW = {"batch_size": 8, "dataset": {"samples": 600, "n_mels": 16, "frames": 16}}
+
+
+class Cluster:
+    """api, projector and trainers as their own processes, sharing one store and broker."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings, self.log_dir = settings, log_dir
+        self.port = free_port()
+        self.services: dict[str, Service] = {}
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=15)
+
+    def start(self, name: str, command: str, **env: Any) -> Service:
+        environment = settings_env(self.settings, api_port=self.port, **env)
+        service = Service(command, environment, self.log_dir, name).start()
+        self.services[name] = service
+        return service
+
+    def trainer(self, name: str) -> Service:
+        return self.start(name, "trainer", worker_name=name)
+
+    def submit(self, **config: Any) -> str:
+        body = {"job_name": f"it-{uuid.uuid4().hex[:6]}", "config": tiny_config(**config)}
+        response = self.client.post(f"{API}/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        page: list[dict[str, Any]] = self.client.get(f"{API}/jobs/{job_id}/events").json()["events"]
+        return page
+
+    def metrics_epochs(self, job_id: str) -> list[int]:
+        return [m["epoch"] for m in self.client.get(f"{API}/jobs/{job_id}/metrics").json()]
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.stop()
+        self.client.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{s.log()[-4000:]}" for n, s in self.services.items())
+
+
+@pytest.fixture
+def cluster(postgres_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
+    suffix = uuid.uuid4().hex[:8]
+    settings = postgres_settings.model_copy(
+        update={
+            "broker_url": RABBIT_URL,
+            "exchange": f"heimdall.training.{suffix}",
+            "work_queue": f"heimdall.training.work.{suffix}",
+            "lease_seconds": 3.0,
+            "artifacts_dir": tmp_path / "artifacts",
+        }
+    )
+    running = Cluster(settings, tmp_path)
+    running.start("api", "api")
+    running.start("projector", "projector")
+    try:
+        wait_healthy(running.client)
+        yield running
+    except BaseException:
+        print(running.logs())
+        raise
+    finally:
+        running.stop()
+
+
+def assert_replay_equals_live(settings: Settings) -> None:
+    app, reads = build_app(settings), build_read_store(settings)
+    try:
+        wait_until(
+            lambda: reads.positions()["published"] == app.recorder.max_notification_id(),
+            30,
+            "the projector to publish everything",
+        )
+        report = replay(app, reads, settings)
+        assert report.equal, report.differences
+    finally:
+        reads.close()
+
+
+def claims(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] in ("Started", "Resumed")]
+
+
+def assert_one_runner_at_a_time(events: list[dict[str, Any]]) -> None:
+    """Every trainer-written event belongs to the claim in force when it was written."""
+    owner: str | None = None
+    for event in events:
+        if event["kind"] in ("Started", "Resumed"):
+            owner = event["actor"]
+        elif event["kind"] in ("WorkerLost", "Paused"):
+            owner = None
+        elif event["kind"] in ("EpochCompleted", "CheckpointSaved", "Completed", "Cancelled"):
+            assert event["actor"] == owner, (event, owner)
+
+
+def test_a_job_runs_end_to_end_across_processes(cluster: Cluster) -> None:
+    cluster.trainer("trainer-a")
+    job_id = cluster.submit()
+    done = wait_status(cluster.client, job_id, FINISHED, timeout=180)
+    assert done["status"] == "completed", cluster.logs()
+    assert cluster.metrics_epochs(job_id) == [1, 2, 3]
+    kinds = [e["kind"] for e in cluster.events(job_id)]
+    assert kinds[:2] == ["Submitted", "Started"] and kinds[-1] == "Completed"
+    assert_replay_equals_live(cluster.settings)
+
+
+def test_pause_resume_and_cancel_act_mid_epoch(cluster: Cluster) -> None:
+    cluster.trainer("trainer-a")
+    job_id = cluster.submit(epochs=2, **SLOW)
+    wait_status(cluster.client, job_id, ("running",), timeout=120)
+    assert cluster.client.post(f"{API}/jobs/{job_id}/pause").status_code == 202
+    paused = wait_status(cluster.client, job_id, ("paused",), timeout=60)
+    pause_event = [e for e in cluster.events(job_id) if e["kind"] == "Paused"][-1]
+    assert "-step-" in pause_event["data"]["checkpoint_uri"], pause_event  # mid-epoch
+    assert paused["current_epoch"] == pause_event["data"]["epoch"]
+    assert cluster.client.post(f"{API}/jobs/{job_id}/resume").status_code == 202
+    done = wait_status(cluster.client, job_id, FINISHED, timeout=180)
+    assert done["status"] == "completed", cluster.logs()
+    assert cluster.metrics_epochs(job_id) == [1, 2]
+    assert "Resumed" in [e["kind"] for e in cluster.events(job_id)]
+
+    other = cluster.submit(epochs=2, **SLOW)
+    wait_status(cluster.client, other, ("running",), timeout=120)
+    assert cluster.client.post(f"{API}/jobs/{other}/cancel").status_code == 202
+    cancelled = wait_status(cluster.client, other, FINISHED, timeout=60)
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["current_epoch"] < 2
+    assert_replay_equals_live(cluster.settings)
+
+
+def test_killed_trainer_is_replaced_and_every_epoch_appears_once(cluster: Cluster) -> None:
+    cluster.trainer("trainer-a")
+    job_id = cluster.submit(epochs=5, **SLOW)
+    running = wait_until(
+        lambda: (
+            (j := cluster.client.get(f"{API}/jobs/{job_id}").json()["job"])
+            and j["current_epoch"] >= 1
+            and j
+        ),
+        180,
+        "the first epoch",
+    )
+    assert running["status"] == "running"
+    cluster.services["trainer-a"].kill()
+    cluster.trainer("trainer-b")
+    done = wait_status(cluster.client, job_id, FINISHED, timeout=300)
+    assert done["status"] == "completed", cluster.logs()
+    events = cluster.events(job_id)
+    lost = [e for e in events if e["kind"] == "WorkerLost"]
+    assert len(lost) == 1 and lost[0]["data"]["worker"] == "trainer-a"
+    restart = claims(events)[-1]
+    assert restart["actor"] == "trainer-b" and restart["data"]["resumed_from_epoch"] >= 1
+    assert cluster.metrics_epochs(job_id) == [1, 2, 3, 4, 5]
+    assert_one_runner_at_a_time(events)
+    assert_replay_equals_live(cluster.settings)
+
+
+def test_two_trainers_never_run_one_job_at_once(cluster: Cluster) -> None:
+    cluster.trainer("trainer-a")
+    cluster.trainer("trainer-b")
+    jobs = [cluster.submit(epochs=2) for _ in range(4)]
+    for job_id in jobs:
+        assert wait_status(cluster.client, job_id, FINISHED, timeout=300)["status"] == "completed"
+    runners = set()
+    for job_id in jobs:
+        events = cluster.events(job_id)
+        assert len(claims(events)) == 1, events
+        assert_one_runner_at_a_time(events)
+        runners.add(claims(events)[0]["actor"])
+    assert runners == {"trainer-a", "trainer-b"}
+
+
+def test_rabbitmq_restart_mid_run_loses_no_event(cluster: Cluster) -> None:
+    cluster.trainer("trainer-a")
+    job_id = cluster.submit(epochs=4, **SLOW)
+    wait_status(cluster.client, job_id, ("running",), timeout=120)
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+    try:
+        assert cluster.client.get(f"{API}/jobs/{job_id}").status_code == 200
+        during = cluster.submit(epochs=1)  # a command still lands: it is in the store
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+    done = wait_status(cluster.client, job_id, FINISHED, timeout=300)
+    assert done["status"] == "completed", cluster.logs()
+    assert cluster.metrics_epochs(job_id) == [1, 2, 3, 4]
+    assert wait_status(cluster.client, during, FINISHED, timeout=180)["status"] == "completed"
+    assert_replay_equals_live(cluster.settings)
