@@ -43,6 +43,7 @@ def run_projector(settings: Settings) -> None:
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
         stop = asyncio.Event()
         await bus.start()
+        log.info("projector ready")
         try:
             await projector.run_forever(stop)
         finally:
@@ -76,6 +77,7 @@ def run_trainer(settings: Settings) -> None:
         trainer = build_trainer(settings, jobs, reads, bus)
         stop = asyncio.Event()
         await bus.start()
+        log.info("trainer %s ready", settings.worker_name)
         try:
             await trainer.run_forever(stop)
         finally:

@@ -107,17 +107,29 @@ def job(client: httpx.Client, job_id: str) -> dict[str, Any]:
     return body
 
 
-def wait_status(
-    client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float
+def wait_job(
+    client: httpx.Client,
+    job_id: str,
+    ready: Callable[[dict[str, Any]], Any],
+    timeout: float,
+    what: str,
 ) -> Any:
+    """The job's read row once `ready(row)` holds."""
+
     def reached() -> dict[str, Any] | None:
         response = client.get(f"{API}/jobs/{job_id}")
         if response.status_code != 200:
             return None
-        current = response.json()["job"]
-        return current if current["status"] in statuses else None
+        current: dict[str, Any] = response.json()["job"]
+        return current if ready(current) else None
 
-    return wait_until(reached, timeout, f"job {job_id} to reach {statuses}")
+    return wait_until(reached, timeout, f"job {job_id}: {what}")
+
+
+def wait_status(
+    client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float
+) -> Any:
+    return wait_job(client, job_id, lambda j: j["status"] in statuses, timeout, f"{statuses}")
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:

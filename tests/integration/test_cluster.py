@@ -22,6 +22,7 @@ from tests.processes import (
     settings_env,
     tiny_config,
     wait_healthy,
+    wait_job,
     wait_status,
     wait_until,
 )
@@ -166,14 +167,8 @@ def test_pause_resume_and_cancel_act_mid_epoch(cluster: Cluster) -> None:
 def test_killed_trainer_is_replaced_and_every_epoch_appears_once(cluster: Cluster) -> None:
     cluster.trainer("trainer-a")
     job_id = cluster.submit(epochs=5, **SLOW)
-    running = wait_until(
-        lambda: (
-            (j := cluster.client.get(f"{API}/jobs/{job_id}").json()["job"])
-            and j["current_epoch"] >= 1
-            and j
-        ),
-        180,
-        "the first epoch",
+    running = wait_job(
+        cluster.client, job_id, lambda j: j["checkpoint_path"], 180, "a first checkpoint"
     )
     assert running["status"] == "running"
     cluster.services["trainer-a"].kill()
@@ -184,7 +179,11 @@ def test_killed_trainer_is_replaced_and_every_epoch_appears_once(cluster: Cluste
     lost = [e for e in events if e["kind"] == "WorkerLost"]
     assert len(lost) == 1 and lost[0]["data"]["worker"] == "trainer-a"
     restart = claims(events)[-1]
-    assert restart["actor"] == "trainer-b" and restart["data"]["resumed_from_epoch"] >= 1
+    assert restart["actor"] == "trainer-b", events
+    assert restart["data"]["resumed_from_epoch"] >= 1, [
+        (e["kind"], e["actor"], e["data"].get("epoch"), e["data"].get("resumed_from_epoch"))
+        for e in events
+    ]
     assert cluster.metrics_epochs(job_id) == [1, 2, 3, 4, 5]
     assert_one_runner_at_a_time(events)
     assert_replay_equals_live(cluster.settings)
