@@ -168,11 +168,17 @@ def train(
     artifacts: Annotated[Path, typer.Option(help="where checkpoints and model.pt go")] = Path(
         "var/standalone"
     ),
+    resume: Annotated[Path | None, typer.Option(help="a checkpoint to resume from")] = None,
 ) -> None:
     """Train in the foreground from a job config, with no store, broker or api."""
-    from services.trainer.standalone import train_from_file
+    from services.trainer.standalone import ConfigFileError, train_from_file
 
-    train_from_file(config, artifacts, console)
+    try:
+        outcome = train_from_file(config, artifacts, console, resume_from=resume)
+    except ConfigFileError as error:
+        console.print(f"[red]invalid config[/red]: {error}")
+        raise typer.Exit(2) from None
+    console.print(f"{outcome.kind} after {outcome.epoch} epochs; model: {outcome.model_uri}")
 
 
 @dataset_app.command("make")

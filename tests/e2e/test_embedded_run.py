@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +11,15 @@ import httpx
 import pytest
 
 from shared.settings import Settings
-from tests.processes import API, Service, free_port, settings_env, tiny_config, wait_healthy
+from tests.processes import (
+    API,
+    HEIMDALL,
+    Service,
+    free_port,
+    settings_env,
+    tiny_config,
+    wait_healthy,
+)
 from tests.processes import wait_status
 
 
@@ -41,3 +51,30 @@ def test_embedded_run_trains_a_job_to_completion(embedded: httpx.Client) -> None
     kinds = [e["kind"] for e in embedded.get(f"{API}/jobs/{done['id']}/events").json()["events"]]
     assert kinds[0] == "Submitted" and kinds[1] == "Started" and kinds[-1] == "Completed"
     assert kinds.count("EpochCompleted") == 3
+
+
+def test_cli_talks_to_the_running_api(embedded: httpx.Client, tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "epochs: 1\nbatch_size: 16\naccelerator: cpu\n"
+        "dataset: {samples: 64, n_mels: 16, frames: 16}\n"
+    )
+    env = {**os.environ, "HEIMDALL_API_URL": str(embedded.base_url)}
+    submitted = subprocess.run(
+        [*HEIMDALL, "submit", str(config), "--name", "from-cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted.stdout.split()[1]
+    assert wait_status(embedded, job_id, ("completed",), timeout=120)["job_name"] == "from-cli"
+    listed = subprocess.run(
+        [*HEIMDALL, "jobs"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "from-cli" in listed.stdout and "completed" in listed.stdout
+    refused = subprocess.run(
+        [*HEIMDALL, "pause", job_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "409" in refused.stdout
