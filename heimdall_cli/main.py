@@ -145,6 +145,26 @@ def cancel(job_id: str) -> None:
 
 
 @app.command()
+def audit(job_id: str) -> None:
+    """Who did what to a job, and when: its whole history from the event store."""
+    try:
+        page = ApiClient(Settings()).events(job_id)
+    except ApiError as error:
+        _fail(error)
+    table = Table("position", "when (UTC)", "who", "what", "details")
+    for event in page["events"]:
+        details = {k: v for k, v in event["data"].items() if k not in ("config", "metrics")}
+        table.add_row(
+            str(event["position"]),
+            event["timestamp"],
+            event["actor"],
+            event["kind"],
+            json.dumps(details, default=str)[:120],
+        )
+    console.print(table)
+
+
+@app.command()
 def replay() -> None:
     """Rebuild the read tables from the store into fresh tables; exit 1 if they differ."""
     from services.projector.replay import replay as run_replay

@@ -78,3 +78,9 @@ def test_cli_talks_to_the_running_api(embedded: httpx.Client, tmp_path: Path) ->
         [*HEIMDALL, "pause", job_id], env=env, capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 1 and "409" in refused.stdout
+    audit = subprocess.run(
+        [*HEIMDALL, "audit", job_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert audit.returncode == 0
+    for kind in ("Submitted", "Started", "EpochCompleted", "Completed", "anonymous"):
+        assert kind in audit.stdout, audit.stdout
