@@ -11,8 +11,12 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared.application import IdempotencyConflictError, JobNotFoundError
 from shared.domainmodel import TrainingJobError
@@ -31,6 +35,7 @@ OUTAGES = (
 
 
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(TrainingJobError, _conflict)
@@ -68,6 +73,21 @@ def _not_json(error: dict[str, object]) -> bool:
     return error.get("loc") == ("body",) and error.get("type") == "model_attributes_type" and raw
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """As Starlette's, but a 405 lists every method of the path, not one route's."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != 405:
+        return await http_exception_handler(request, exc)
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
+        for method in route.methods
+    }
+    allow = ", ".join(sorted(methods))
+    return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": allow})
+
+
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=404)
 
@@ -78,7 +98,13 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=422)
+    error = {
+        "type": "idempotency_key_reused",
+        "loc": ["header", "idempotency-key"],
+        "msg": str(exc),
+        "input": request.headers.get("idempotency-key"),
+    }
+    return JSONResponse({"detail": [error]}, status_code=422)
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:

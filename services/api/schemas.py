@@ -13,7 +13,7 @@ from shared.config import JobConfig
 
 
 class SubmitJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     job_name: str = Field(min_length=1, max_length=200)
     description: str = Field("", max_length=10_000)
@@ -115,3 +115,18 @@ class Health(BaseModel):
     store: str
     read_store: str
     broker: str
+
+
+class ErrorOut(BaseModel):
+    detail: Any
+    status: str | None = None
+    errors: list[Any] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not JSON"},
+    404: {"model": ErrorOut, "description": "no job has this id"},
+    409: {"model": ErrorOut, "description": "the job's status does not allow this"},
+    413: {"model": ErrorOut, "description": "the body is too large"},
+    503: {"model": ErrorOut, "description": "the store is unavailable; see Retry-After"},
+}

@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from services.api.deps import ContextDep, JobIdDep
-from services.api.schemas import EventOut, EventPage
+from services.api.schemas import ERROR_RESPONSES, EventOut, EventPage
 
-router = APIRouter(prefix="/api/v1/training", tags=["events"])
-After = Annotated[int, Query(ge=0, description="only events after this store position")]
+router = APIRouter(prefix="/api/v1/training", tags=["events"], responses=ERROR_RESPONSES)
+After = Annotated[
+    int, Query(ge=0, le=2**63 - 1, description="only events after this store position")
+]
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventPage)

@@ -7,12 +7,20 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from services.api.deps import ActorDep, ContextDep, JobIdDep
-from services.api.schemas import CommandResult, Job, JobDetail, JobList, MetricRow, SubmitJob
+from services.api.schemas import (
+    ERROR_RESPONSES,
+    CommandResult,
+    Job,
+    JobDetail,
+    JobList,
+    MetricRow,
+    SubmitJob,
+)
 from shared.application import JobNotFoundError
 from shared.domainmodel import STATUSES, TERMINAL, TrainingJob
 from shared.views import job_json, job_row, metric_json
 
-router = APIRouter(prefix="/api/v1/training", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/training", tags=["jobs"], responses=ERROR_RESPONSES)
 StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
 RECENT_METRICS = 10
 
@@ -46,7 +54,7 @@ def list_jobs(
     context: ContextDep,
     status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     include_archived: bool = False,
 ) -> JobList:
     """Jobs, newest first, optionally of one status."""
