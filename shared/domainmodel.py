@@ -277,8 +277,6 @@ class TrainingJob(Aggregate):
         self.archived = True
 
 
-
-
 def _register_topics() -> None:
     """Pin the stored topics, so that any process can decode them and modules can move."""
     register_topic(TOPIC + "TrainingJob", TrainingJob)

@@ -25,13 +25,13 @@ def drop_schema(schema: str) -> None:
 
 @pytest.fixture
 def sqlite_settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "var", poll_seconds=0.05, _env_file=None)  # type: ignore[call-arg]
+    return Settings(data_dir=tmp_path / "var", poll_seconds=0.05, _env_file=None)
 
 
 @pytest.fixture
 def postgres_settings(tmp_path: Path) -> Iterator[Settings]:
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    yield Settings(  # type: ignore[call-arg]
+    yield Settings(
         database_url=POSTGRES_URL,
         database_schema=schema,
         data_dir=tmp_path / "var",

@@ -82,7 +82,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         method
         for route in request.app.routes
         if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
-        for method in route.methods
+        for method in route.methods or ()
     }
     allow = ", ".join(sorted(methods))
     return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": allow})

@@ -19,14 +19,14 @@ from tests.processes import (
     settings_env,
     tiny_config,
     wait_healthy,
+    wait_status,
 )
-from tests.processes import wait_status
 
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[httpx.Client]:
     port = free_port()
-    settings = Settings(data_dir=tmp_path / "var", poll_seconds=0.05)  # type: ignore[call-arg]
+    settings = Settings(data_dir=tmp_path / "var", poll_seconds=0.05)
     env = settings_env(settings, api_port=port, api_host="127.0.0.1")
     service = Service("up", env, tmp_path, "up").start()
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -14,14 +15,14 @@ from services.runtime import build_api
 from shared.settings import Settings
 
 _folder = Path(tempfile.mkdtemp(prefix="heimdall-fuzz-"))
-_context, _ = build_api(Settings(data_dir=_folder), with_projector=False)  # type: ignore[call-arg]
+_context, _ = build_api(Settings(data_dir=_folder), with_projector=False)
 _context.jobs.submit("seed", "", {"epochs": 1}, "fuzz")
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_context))
 
 
 @schema.parametrize()
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-def test_api_never_fails_and_matches_its_schema(case: schemathesis.Case) -> None:
+def test_api_never_fails_and_matches_its_schema(case: schemathesis.Case[Any]) -> None:
     # Our rules are stricter than a JSON schema can say (model names come from timm,
     # an Idempotency-Key binds one body): a 422 for schema-valid input is legitimate.
     case.call_and_validate(excluded_checks=[positive_data_acceptance])

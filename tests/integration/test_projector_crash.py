@@ -103,6 +103,11 @@ class Writer(threading.Thread):
             self.error = error
 
 
+def end(app: TrainingJobs) -> int:
+    """The last position in the store (0 while it is empty)."""
+    return app.recorder.max_notification_id() or 0
+
+
 def start_jobs(app: TrainingJobs) -> list[UUID]:
     config = {"epochs": 5000, "model_architecture": "resnet18"}
     jobs = []
@@ -116,7 +121,7 @@ def start_jobs(app: TrainingJobs) -> list[UUID]:
 def assert_projection_is_the_store(app: TrainingJobs, reads: ReadStore, settings: Settings) -> None:
     report = replay(app, reads, settings)
     assert report.equal, report.differences[:5]
-    assert report.position == app.recorder.max_notification_id()
+    assert report.position == end(app)
     all_events = app.feed(0, 1_000_000)
     assert report.events == len(all_events)
     epochs = {(e.job_id, e.data["epoch"]) for e in all_events if e.kind == "EpochCompleted"}
@@ -133,7 +138,7 @@ def test_projection_survives_kill_9(settings: Settings, tmp_path: Path) -> None:
     log = tmp_path / "projector.log"
     writer = Writer(app, start_jobs(app))
     try:
-        while app.recorder.max_notification_id() < FIRST_EVENTS:
+        while end(app) < FIRST_EVENTS:
             writer.step()
         writer.start()
 
@@ -141,17 +146,17 @@ def test_projection_survives_kill_9(settings: Settings, tmp_path: Path) -> None:
             return reads.positions()["projected"]
 
         def mid_stream() -> bool:
-            return 0 < projected() < app.recorder.max_notification_id()
+            return 0 < projected() < end(app)
 
         with projector(settings, log) as first:
             wait_until(mid_stream, "the projector to start projecting", log)
             first.send_signal(signal.SIGKILL)
             first.wait(10)
         assert first.returncode == -signal.SIGKILL
-        killed_at = projected()
-        end_at_kill = app.recorder.max_notification_id()
+        killed_at, written_at_kill = projected(), writer.written
+        wait_until(lambda: writer.written >= written_at_kill + 50, "writes while it is down", log)
+        end_at_kill = end(app)
         assert 0 < killed_at < end_at_kill
-        wait_until(lambda: writer.written >= 100 + FIRST_EVENTS, "more writes", log)
         assert projected() == killed_at  # nobody projects while it is down
 
         with projector(settings, log) as second:
@@ -161,8 +166,8 @@ def test_projection_survives_kill_9(settings: Settings, tmp_path: Path) -> None:
             assert writer.error is None, writer.error
 
             def caught_up() -> bool:
-                positions, end = reads.positions(), app.recorder.max_notification_id()
-                return positions["projected"] == positions["published"] == end
+                positions, last = reads.positions(), end(app)
+                return positions["projected"] == positions["published"] == last
 
             wait_until(caught_up, "projected == published == end of store", log)
             assert second.poll() is None, "the projector died on its own"

@@ -43,6 +43,12 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("precision", "16"),
     ("epochs", "many"),
     ("pretrained", "maybe"),
+    # strict types: a string or float where an integer belongs is refused, not coerced
+    ("epochs", "10"),
+    ("epochs", 10.0),
+    ("batch_size", True),
+    ("learning_rate", "0.1"),
+    ("pretrained", 1),
 ]
 
 # (field, values at the edges of its range) — each must be accepted

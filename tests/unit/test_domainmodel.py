@@ -153,14 +153,15 @@ PEOPLE: list[tuple[str, str, str, str]] = [
 ]
 
 
-def people_command(job: TrainingJob, command: str, actor: str = USER) -> object:
+def people_command(job: TrainingJob, command: str, actor: str = USER) -> None:
     if command == "pause":
-        return job.request_pause(actor)
-    if command == "resume":
-        return job.request_resume(actor)
-    if command == "cancel":
-        return job.request_cancel(actor)
-    return job.archive(actor)
+        job.request_pause(actor)
+    elif command == "resume":
+        job.request_resume(actor)
+    elif command == "cancel":
+        job.request_cancel(actor)
+    else:
+        job.archive(actor)
 
 
 @pytest.mark.parametrize(("before", "command", "event", "after"), PEOPLE)

@@ -20,7 +20,7 @@ print(",".join(e.kind for e in app.feed(0, 100)))
 
 
 def test_a_fresh_process_decodes_every_event_kind(tmp_path: Path) -> None:
-    app = build_app(Settings(data_dir=tmp_path))  # type: ignore[call-arg]
+    app = build_app(Settings(data_dir=tmp_path))
     job = app.submit("topics", "", {"epochs": 2, "max_attempts": 1}, "tester")
     app.pause(job.id, "tester")
     app.resume(job.id, "tester")
