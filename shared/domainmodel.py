@@ -138,8 +138,12 @@ class TrainingJob(Aggregate):
         self._checkpoint_saved(epoch=epoch, uri=uri, sha256=sha256, actor=worker)
 
     def pause(self, worker: str, attempt: int, epoch: int, checkpoint_uri: str) -> None:
+        """The trainer stopped for a pause; a cancel asked meanwhile has the last word."""
         self.check_claim(worker, attempt)
-        self._paused(epoch=epoch, checkpoint_uri=checkpoint_uri, actor=worker)
+        if self.status == CANCELLING:
+            self._cancelled(epoch=epoch, actor=worker)
+        else:
+            self._paused(epoch=epoch, checkpoint_uri=checkpoint_uri, actor=worker)
 
     def complete(self, worker: str, attempt: int, result: Metrics) -> None:
         self.check_claim(worker, attempt)

@@ -314,6 +314,8 @@ def test_trainer_facts_while_running() -> None:
 TRAINER: list[tuple[str, str, str, str]] = [
     (RUNNING, "pause", "Paused", PAUSED),
     (PAUSING, "pause", "Paused", PAUSED),
+    # Cancel asked while the trainer was pausing: the trainer stops, the cancel wins.
+    (CANCELLING, "pause", "Cancelled", CANCELLED),
     (RUNNING, "complete", "Completed", COMPLETED),
     (PAUSING, "complete", "Completed", COMPLETED),
     (CANCELLING, "complete", "Completed", COMPLETED),
@@ -492,3 +494,15 @@ def test_replaying_the_events_rebuilds_the_same_job() -> None:
         rebuilt = event.mutate(rebuilt)
     assert isinstance(rebuilt, TrainingJob)
     assert vars(rebuilt) == vars(job)
+
+
+def test_cancel_while_pausing_is_not_lost() -> None:
+    job = fresh(PAUSING)
+    job.request_cancel(USER)
+    assert job.status == CANCELLING
+    job.pause(W, 1, 2, "/ck/2.pt")
+    events = job.collect_events()
+    assert [kind(e) for e in events] == ["CancelRequested", "Cancelled"]
+    assert job.status == CANCELLED
+    with pytest.raises(IllegalTransitionError):
+        job.request_resume(USER)
