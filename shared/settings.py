@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated, Literal, Self
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.security import ApiKey, ConfigurationError, parse_api_keys, parse_origins
 
 
 def _default_worker() -> str:
@@ -33,6 +36,38 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(0.2, gt=0)
     lease_seconds: float = Field(60.0, gt=0)
     worker_name: str = Field(default_factory=_default_worker)
+    # Security and observability (README: Security and Observability).
+    api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(
+        (), description="name:KEY:role,... (viewer|operator); without keys: loopback only"
+    )
+    api_key: SecretStr | None = Field(None, description="the key the CLI sends as Bearer")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    cors_allow_credentials: bool = False
+    ws_clients_per_key: int = Field(100, ge=1)
+    ws_max_message_bytes: int = Field(65_536, ge=256)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, raw: object) -> tuple[ApiKey, ...]:
+        return parse_api_keys(raw)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _cors_origins(cls, raw: object) -> tuple[str, ...]:
+        return parse_origins(raw)
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Self:
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "HEIMDALL_CORS_ORIGINS='*' together with HEIMDALL_CORS_ALLOW_CREDENTIALS=true"
+                " would let any site act with a user's credentials: list the origins instead"
+            )
+        return self
 
     @property
     def artifacts(self) -> Path:
@@ -41,3 +76,19 @@ class Settings(BaseSettings):
     @property
     def uses_postgres(self) -> bool:
         return bool(self.database_url)
+
+
+def load_settings() -> Settings:
+    """The environment's settings; a bad one is a ConfigurationError naming its variable.
+
+    The message leaves out the offending value: it may be an API key.
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        lines = [
+            f"{'HEIMDALL_' + str(e['loc'][0]).upper() if e['loc'] else 'settings'}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in error.errors()
+        ]
+        raise ConfigurationError("invalid configuration: " + "; ".join(lines)) from None

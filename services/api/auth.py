@@ -1,0 +1,88 @@
+"""Who is calling: API keys as Bearer tokens, viewers read and operators also command."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
+
+from shared.security import ApiKey, ConfigurationError, find_key, is_loopback
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+ANONYMOUS = ApiKey("anonymous", "", "operator")
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from HEIMDALL_API_KEYS: viewers read, operators also command.",
+)
+
+
+def authenticate(keys: Sequence[ApiKey], token: str | None) -> ApiKey | None:
+    """The caller's key; everyone is `anonymous` (an operator) when no keys are configured."""
+    if not keys:
+        return ANONYMOUS
+    return find_key(keys, token) if token else None
+
+
+def connection_token(connection: HTTPConnection) -> str | None:
+    """A Bearer token from the header, or (WebSocket only) the `token` query parameter."""
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if connection.scope["type"] == "websocket":
+        return connection.query_params.get("token") or None
+    return None
+
+
+def current_client(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> ApiKey:
+    """401 with `WWW-Authenticate: Bearer` for a missing or unknown key."""
+    keys: Sequence[ApiKey] = request.app.state.context.settings.api_keys
+    client = authenticate(keys, credentials.credentials if credentials else None)
+    if client is None:
+        raise HTTPException(
+            401,
+            "missing or unknown API key: send the header Authorization: Bearer KEY",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return client
+
+
+def operator(request: Request, client: Annotated[ApiKey, Depends(current_client)]) -> ApiKey:
+    """403 for a viewer's key: commands need an operator."""
+    if not client.can_command:
+        raise HTTPException(
+            403,
+            f"the key {client.name!r} has the viewer role, which may only read:"
+            f" {request.method} {request.url.path} needs an operator key",
+        )
+    return client
+
+
+ClientDep = Annotated[ApiKey, Depends(current_client)]
+OperatorDep = Annotated[ApiKey, Depends(operator)]
+
+
+def check_exposure(settings: Settings) -> None:
+    """Without keys the api is open to anyone who reaches it: loopback only, then."""
+    if settings.api_keys:
+        names = ", ".join(f"{k.name} ({k.role})" for k in settings.api_keys)
+        log.info("api keys configured: %s", names)
+        return
+    if not is_loopback(settings.api_host):
+        raise ConfigurationError(
+            f"refusing to listen on {settings.api_host}: no API keys are configured, so"
+            " anyone who can reach it could submit and cancel jobs. Set HEIMDALL_API_KEYS"
+            " (name:KEY:role,...) or listen on 127.0.0.1"
+        )
+    log.warning(
+        "no API keys configured (HEIMDALL_API_KEYS): the api is open to every local user"
+        " and serves only on the loopback address %s",
+        settings.api_host,
+    )
