@@ -9,12 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
 
 from services.api import errors
 from services.api.deps import ApiContext
 from services.api.limits import BodyLimit
-from services.api.routes import events, health, jobs
+from services.api.routes import dashboard, events, health, jobs
 
 log = logging.getLogger(__name__)
 Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -46,9 +45,5 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     errors.install(app)
     for module in (jobs, events, health):
         app.include_router(module.router)
-
-    @app.get("/", include_in_schema=False)
-    def home() -> RedirectResponse:
-        return RedirectResponse("/docs")
-
+    dashboard.install(app)
     return app

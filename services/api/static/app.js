@@ -1,0 +1,350 @@
+// The Heimdall Training dashboard: plain JavaScript over the REST api and the WebSocket hub.
+"use strict";
+
+const API = "/api/v1/training";
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const TERMINAL_EVENTS = new Set(["training_completed", "training_failed", "training_cancelled"]);
+const $ = (id) => document.getElementById(id);
+const state = { jobs: [], selected: null, job: null, metrics: new Map(), step: null, socket: null };
+
+/** The api token: `?token=` in the page URL (then remembered) or localStorage. */
+function authToken() {
+  const fromUrl = new URLSearchParams(location.search).get("token");
+  if (fromUrl) localStorage.setItem("heimdall_token", fromUrl);
+  return fromUrl || localStorage.getItem("heimdall_token");
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(describe(status, body));
+    this.status = status;
+    this.body = body;
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  const token = authToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (options.json !== undefined) headers["Content-Type"] = "application/json";
+  const body = options.json === undefined ? undefined : JSON.stringify(options.json);
+  const response = await fetch(API + path, { method: options.method || "GET", headers, body });
+  const reply = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) throw new ApiError(response.status, reply);
+  return reply;
+}
+
+function socketUrl(path, after) {
+  const url = new URL(path, location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (after !== null) url.searchParams.set("after", after);
+  const token = authToken();
+  if (token) url.searchParams.set("token", token);
+  return url.href;
+}
+
+/** `422: config.epochs: Input should be ...` from the api's `{"detail": ...}`. */
+function describe(status, body) {
+  const detail = body && body.detail;
+  if (Array.isArray(detail)) {
+    return `${status}: ` + detail.map((e) => `${fieldPath(e.loc)}: ${e.msg}`).join("; ");
+  }
+  const current = body && body.status ? ` (job is ${body.status})` : "";
+  return `${status}: ${detail || "request failed"}${current}`;
+}
+
+const fieldPath = (loc) => (loc || []).filter((part) => part !== "body").join(".");
+
+/** A WebSocket that reconnects by itself, resuming with `?after=` the last position seen. */
+class LiveSocket {
+  constructor(path, onMessage, onState = () => {}) {
+    Object.assign(this, { path, onMessage, onState, after: null, stopped: false, delay: 500 });
+    this.open();
+  }
+
+  open() {
+    const ws = new WebSocket(socketUrl(this.path, this.after));
+    this.ws = ws;
+    ws.onopen = () => {
+      this.delay = 500;
+      this.onState(true);
+      this.pinger = setInterval(() => ws.send(JSON.stringify({ event: "ping" })), 20000);
+    };
+    ws.onmessage = (message) => this.receive(message.data);
+    ws.onclose = () => {
+      clearInterval(this.pinger);
+      this.onState(false);
+      if (this.stopped) return;
+      setTimeout(() => this.stopped || this.open(), this.delay);
+      this.delay = Math.min(this.delay * 2, 5000);
+    };
+  }
+
+  receive(text) {
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (Number.isInteger(message.position)) {
+      if (this.after !== null && message.position <= this.after) return;
+      this.after = message.position;
+    }
+    this.onMessage(message);
+  }
+
+  /** Stop for good: the job ended (the server closes after a terminal event) or was left. */
+  stop() {
+    this.stopped = true;
+    this.ws.close();
+  }
+}
+
+function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+const fmt = (value, digits = 4) => (value === null || value === undefined ? "–" : Number(value).toPrecision(digits));
+
+function cell(text, className = "") {
+  const td = document.createElement("td");
+  td.textContent = text;
+  td.className = className;
+  return td;
+}
+
+function badge(element, status) {
+  element.textContent = status;
+  element.className = `status ${status}`;
+}
+
+// ---- job list ----
+
+async function loadJobs() {
+  try {
+    state.jobs = (await api("/jobs?limit=100")).jobs;
+    $("list-error").textContent = "";
+    renderJobs();
+  } catch (error) {
+    $("list-error").textContent = `Could not load jobs: ${error.message}`;
+  }
+}
+const reloadJobs = debounce(loadJobs, 200);
+
+function renderJobs() {
+  $("jobs-body").replaceChildren(...state.jobs.map(jobRow));
+}
+
+function jobRow(job) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = job.id;
+  tr.classList.toggle("selected", job.id === state.selected);
+  const status = document.createElement("span");
+  badge(status, job.status);
+  const statusCell = cell("");
+  statusCell.append(status);
+  tr.append(
+    cell(job.job_name, "name"),
+    statusCell,
+    cell(`${job.current_epoch}/${job.total_epochs}`),
+    cell(fmt(job.val_loss)),
+    cell(new Date(job.created_at).toLocaleString()),
+  );
+  tr.title = job.id;
+  tr.addEventListener("click", () => select(job.id));
+  return tr;
+}
+
+function onFeed(message) {
+  if (message.event === "connected" || (message.job_id && message.event !== "training_step")) {
+    reloadJobs();
+  }
+}
+
+function setLive(on) {
+  $("live").textContent = on ? "live" : "reconnecting…";
+  $("live").classList.toggle("on", on);
+}
+
+// ---- submit ----
+
+function formConfig(form) {
+  const raw = form.elements.extra.value.trim();
+  const extra = raw ? JSON.parse(raw) : {};
+  if (extra === null || typeof extra !== "object" || Array.isArray(extra)) throw new Error();
+  const config = { ...extra };
+  for (const input of form.querySelectorAll("[data-config]")) {
+    const value = input.value.trim();
+    if (value === "") continue;
+    const number = Number(value);
+    // Anything that is not a finite number goes as typed: the api names the field it refuses.
+    config[input.name] = input.dataset.config === "number" && Number.isFinite(number) ? number : value;
+  }
+  return config;
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const form = event.target;
+  const result = $("submit-result");
+  form.querySelectorAll(".invalid").forEach((input) => input.classList.remove("invalid"));
+  let config;
+  try {
+    config = formConfig(form);
+  } catch {
+    form.elements.extra.classList.add("invalid");
+    return showResult(result, "More config: not a JSON object", false);
+  }
+  try {
+    const job = await api("/jobs", { method: "POST", json: { job_name: form.elements.job_name.value.trim(), config } });
+    showResult(result, `Submitted ${job.job_name} (${job.status})`, true);
+    await loadJobs();
+    select(job.id);
+  } catch (error) {
+    markInvalid(form, error);
+    showResult(result, error.message, false);
+  }
+}
+
+function markInvalid(form, error) {
+  const detail = error.body && error.body.detail;
+  for (const problem of Array.isArray(detail) ? detail : []) {
+    const loc = (problem.loc || []).filter((part) => part !== "body" && part !== "config");
+    const input = form.elements[loc[0]] || (problem.loc || []).includes("config") && form.elements.extra;
+    if (input) input.classList.add("invalid");
+  }
+}
+
+function showResult(element, text, ok) {
+  element.textContent = text;
+  element.className = `message ${ok ? "ok" : "error"}`;
+}
+
+// ---- the chosen job ----
+
+async function select(id) {
+  if (state.socket) state.socket.stop();
+  Object.assign(state, { selected: id, job: null, metrics: new Map(), step: null });
+  history.replaceState(null, "", `${location.search}#job=${id}`);
+  $("detail").hidden = false;
+  $("d-message").textContent = "";
+  renderJobs();
+  // Subscribe first, then read: what happens in between arrives on the socket, keyed by epoch.
+  state.socket = new LiveSocket(`/ws/training/${id}`, onJobEvent);
+  await Promise.all([loadJob(id), loadMetrics(id)]);
+}
+
+async function loadJob(id) {
+  try {
+    showJob((await api(`/jobs/${id}`)).job);
+  } catch (error) {
+    if (id === state.selected) showResult($("d-message"), error.message, false);
+  }
+}
+const reloadJob = debounce(() => state.selected && loadJob(state.selected), 150);
+
+async function loadMetrics(id) {
+  const rows = await api(`/jobs/${id}/metrics`);
+  if (id !== state.selected) return;
+  rows.forEach((row) => state.metrics.set(row.epoch, row));
+  drawCharts();
+}
+
+function showJob(job) {
+  if (job.id !== state.selected || (state.job && job.version < state.job.version)) return;
+  state.job = job;
+  if (job.status !== "running") state.step = null;
+  $("d-name").textContent = job.job_name;
+  badge($("d-status"), job.status);
+  const best = job.best_epoch ? ` · best val loss ${fmt(job.best_val_loss)} at epoch ${job.best_epoch}` : "";
+  const failure = job.error_message ? ` · ${job.error_message}` : "";
+  $("d-summary").textContent = `${job.model_architecture} · attempt ${job.attempt}${best}${failure}`;
+  if (TERMINAL.has(job.status) && state.socket) state.socket.stop();
+  renderProgress();
+}
+
+function onJobEvent(message) {
+  if (message.job_id && message.job_id !== state.selected) return;
+  if (message.event === "training_step") {
+    state.step = message.data;
+    return renderProgress();
+  }
+  if (message.event === "training_progress") {
+    const metrics = message.data.metrics || message.data;
+    state.metrics.set(metrics.epoch, metrics);
+    drawCharts();
+  }
+  if (TERMINAL_EVENTS.has(message.event)) state.socket.stop();
+  if (message.event.startsWith("training_")) reloadJob();
+}
+
+function renderProgress() {
+  const job = state.job;
+  if (!job) return;
+  const step = state.step;
+  const total = Math.max(job.total_epochs, 1);
+  let done = job.current_epoch / total;
+  let text = `Epoch ${job.current_epoch} of ${job.total_epochs} (${job.progress_percent}%) · ${job.status}`;
+  if (step && step.steps_per_epoch) {
+    done = (step.epoch - 1 + step.step / step.steps_per_epoch) / total;
+    const speed = step.samples_per_second ? ` · ${Math.round(step.samples_per_second)} samples/s` : "";
+    text = `Epoch ${step.epoch} of ${job.total_epochs} · step ${step.step} of ${step.steps_per_epoch} · loss ${fmt(step.loss)}${speed}`;
+  }
+  $("d-bar").value = Math.min(Math.max(done, 0), 1);
+  $("d-progress").textContent = text;
+}
+
+async function command(verb) {
+  if (!state.selected) return;
+  try {
+    const result = await api(`/jobs/${state.selected}/${verb}`, { method: "POST" });
+    showResult($("d-message"), result.message, true);
+    showJob(result);
+  } catch (error) {
+    showResult($("d-message"), `Could not ${verb}: ${error.message}`, false);
+  }
+}
+
+// ---- charts (plotly.js, served by the api from the plotly package) ----
+
+function drawCharts() {
+  const rows = [...state.metrics.values()].sort((a, b) => a.epoch - b.epoch);
+  const x = rows.map((row) => row.epoch);
+  const line = (key, name, dash = "solid") => ({
+    x, y: rows.map((row) => row[key] ?? null), name, mode: "lines+markers", line: { dash },
+  });
+  plot("chart-loss", "Loss", [line("train_loss", "train"), line("val_loss", "val")]);
+  plot("chart-lr", "Learning rate", [line("learning_rate", "learning rate")]);
+  plot("chart-distance", "Validation distance error (m)", [
+    line("val_distance_p50_m", "p50"), line("val_distance_p95_m", "p95", "dot"),
+  ]);
+}
+
+function plot(id, title, traces) {
+  const layout = {
+    title: { text: title, font: { size: 13 } },
+    margin: { l: 55, r: 15, t: 30, b: 35 },
+    xaxis: { title: { text: "epoch" }, rangemode: "tozero" },
+    legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right" },
+  };
+  Plotly.react(id, traces, layout, { displaylogo: false, responsive: true });
+}
+
+// ---- start ----
+
+function start() {
+  $("submit-form").addEventListener("submit", submitJob);
+  $("reload").addEventListener("click", loadJobs);
+  for (const verb of ["pause", "resume", "cancel"]) $(verb).addEventListener("click", () => command(verb));
+  new LiveSocket("/ws/training", onFeed, setLive);
+  loadJobs();
+  const chosen = location.hash.match(/^#job=([\w-]+)$/);
+  if (chosen) select(chosen[1]);
+}
+
+start();
