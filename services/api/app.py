@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from services.api import errors
+from services.api.auth import RequireKey
 from services.api.deps import ApiContext
 from services.api.limits import BodyLimit
-from services.api.routes import dashboard, events, health, jobs
+from services.api.metrics import HttpMetrics
+from services.api.routes import dashboard, events, health, jobs, metrics
 
 log = logging.getLogger(__name__)
 Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -42,8 +45,20 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     )
     app.state.context = context
     app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
+    app.add_middleware(RequireKey, keys=context.settings.api_keys)
+    if context.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(context.settings.cors_origins),
+            allow_credentials=context.settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            max_age=600,
+        )
+    app.add_middleware(HttpMetrics)
     errors.install(app)
     for module in (jobs, events, health):
         app.include_router(module.router)
     dashboard.install(app)
+    metrics.install(app, context.jobs, context.reads)
     return app

@@ -9,6 +9,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.security import ApiKey, ConfigurationError, find_key, is_loopback
 from shared.settings import Settings
@@ -38,6 +40,35 @@ def connection_token(connection: HTTPConnection) -> str | None:
     return None
 
 
+def _unauthorized() -> HTTPException:
+    return HTTPException(
+        401,
+        "missing or unknown API key: send the header Authorization: Bearer KEY",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+class RequireKey:
+    """401 for an `/api/` request without a known key, before its body is even read.
+
+    The routes' `current_client` dependency says the same (and documents it in OpenAPI);
+    this only makes sure nothing of an unauthenticated request is parsed first.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[ApiKey]) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            token = connection_token(HTTPConnection(scope))
+            if authenticate(self.keys, token) is None:
+                error = _unauthorized()
+                response = JSONResponse({"detail": error.detail}, 401, error.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def current_client(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -46,11 +77,7 @@ def current_client(
     keys: Sequence[ApiKey] = request.app.state.context.settings.api_keys
     client = authenticate(keys, credentials.credentials if credentials else None)
     if client is None:
-        raise HTTPException(
-            401,
-            "missing or unknown API key: send the header Authorization: Bearer KEY",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise _unauthorized()
     return client
 
 

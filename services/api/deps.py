@@ -9,6 +9,7 @@ from uuid import UUID
 
 from fastapi import Depends, Request
 
+from services.api.auth import OperatorDep
 from shared.application import JobNotFoundError, TrainingJobs
 from shared.bus import Bus
 from shared.readmodel.store import ReadStore
@@ -32,9 +33,9 @@ def get_context(request: Request) -> ApiContext:
     return context
 
 
-def get_actor() -> str:
-    """The authenticated name; `anonymous` until api keys are configured."""
-    return "anonymous"
+def get_actor(client: OperatorDep) -> str:
+    """The caller's key name, recorded in the events (`anonymous` when no keys are set)."""
+    return client.name
 
 
 def parse_job_id(job_id: str) -> UUID:

@@ -125,6 +125,8 @@ class ErrorOut(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "the body is not JSON"},
+    401: {"model": ErrorOut, "description": "missing or unknown API key (Bearer)"},
+    403: {"model": ErrorOut, "description": "the key's role may not do this"},
     404: {"model": ErrorOut, "description": "no job has this id"},
     409: {"model": ErrorOut, "description": "the job's status does not allow this"},
     413: {"model": ErrorOut, "description": "the body is too large"},

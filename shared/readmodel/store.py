@@ -85,6 +85,12 @@ class ReadStore(ABC):
             rows = tx.fetchall(sql, params)
         return sorted(rows, key=lambda r: int(r["epoch"]))
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many jobs the read table holds in each status (archived ones included)."""
+        with self.transaction() as tx:
+            rows = tx.fetchall("SELECT status, COUNT(*) AS n FROM training_jobs GROUP BY status")
+        return {str(r["status"]): int(r["n"]) for r in rows}
+
     def positions(self) -> dict[str, int]:
         with self.transaction() as tx:
             rows = tx.fetchall("SELECT name, position FROM projector_positions")

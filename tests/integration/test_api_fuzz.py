@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,23 @@ from services.runtime import build_api
 from shared.settings import Settings
 
 _folder = Path(tempfile.mkdtemp(prefix="heimdall-fuzz-"))
-_context, _ = build_api(Settings(data_dir=_folder), with_projector=False)
+_key = uuid.uuid4().hex
+_context, _ = build_api(
+    Settings(data_dir=_folder, api_keys=f"fuzz:{_key}:operator"), with_projector=False
+)
 _context.jobs.submit("seed", "", {"epochs": 1}, "fuzz")
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_context))
+
+
+@schema.auth()
+class OperatorKey:
+    """Every case carries the operator's key; schemathesis also checks that no key is refused."""
+
+    def get(self, case: schemathesis.Case[Any], ctx: schemathesis.AuthContext) -> str:
+        return _key
+
+    def set(self, case: schemathesis.Case[Any], data: str, ctx: schemathesis.AuthContext) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
 
 
 @schema.parametrize()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
+from services.api.auth import current_client
 from services.api.deps import ActorDep, ContextDep, JobIdDep
 from services.api.schemas import (
     ERROR_RESPONSES,
@@ -20,7 +21,12 @@ from shared.application import JobNotFoundError
 from shared.domainmodel import STATUSES, TERMINAL, TrainingJob
 from shared.views import job_json, job_row, metric_json
 
-router = APIRouter(prefix="/api/v1/training", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/api/v1/training",
+    tags=["jobs"],
+    responses=ERROR_RESPONSES,
+    dependencies=[Depends(current_client)],
+)
 StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
 RECENT_METRICS = 10
 
