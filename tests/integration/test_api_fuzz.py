@@ -32,7 +32,7 @@ class OperatorKey:
         return _key
 
     def set(self, case: schemathesis.Case[Any], data: str, ctx: schemathesis.AuthContext) -> None:
-        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+        case.headers["Authorization"] = f"Bearer {data}"
 
 
 @schema.parametrize()
