@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -80,6 +81,7 @@ def submit(
     description: str = "",
     epochs: Annotated[int | None, typer.Option(help="override the config's epochs")] = None,
     model: Annotated[str | None, typer.Option(help="timm architecture")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="then watch it live")] = False,
 ) -> None:
     """Submit a job from a YAML/JSON config file and/or flags."""
     body = _load_config(config) if config else {}
@@ -93,6 +95,27 @@ def submit(
     except ApiError as error:
         _fail(error)
     console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
+    if watch:
+        _watch(job["id"])
+
+
+@app.command("watch")
+def watch_job(job_id: str) -> None:
+    """Watch a job live until it ends: exit 0 completed, 1 failed, 3 cancelled."""
+    _watch(job_id)
+
+
+def _watch(job_id: str) -> None:
+    from heimdall_cli.watch import WatchError, watch
+
+    try:
+        code = asyncio.run(watch(job_id, Settings().api_url, console))
+    except WatchError as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @app.command()

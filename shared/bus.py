@@ -7,7 +7,7 @@ import itertools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -75,6 +75,20 @@ class Envelope(BaseModel):
             data=event.data,
         )
 
+    @classmethod
+    def step(cls, job_id: str, worker: str, data: dict[str, Any]) -> Envelope:
+        """Live telemetry: not a stored event, so no position (0) and no version."""
+        return cls(
+            position=0,
+            job_id=job_id,
+            version=0,
+            kind="Step",
+            routing_key=TELEMETRY_KEY,
+            timestamp=datetime.now(UTC),
+            actor=worker,
+            data=data,
+        )
+
 
 Handler = Callable[[Envelope], Awaitable[None]]
 
@@ -99,6 +113,10 @@ class Bus(ABC):
     @abstractmethod
     async def publish(self, envelope: Envelope) -> None:
         """Returns once the bus holds the message (publisher confirm on RabbitMQ)."""
+
+    @abstractmethod
+    async def publish_telemetry(self, envelope: Envelope) -> None:
+        """Fire and forget to the fan-outs: transient, unconfirmed, dropped if unroutable."""
 
     @abstractmethod
     async def healthy(self) -> bool: ...
@@ -148,6 +166,11 @@ class InProcessBus(Bus):
             self._deliver(self._work[next(self._turn) % len(self._work)], envelope)
         for keys, handler in self._fanout:
             if any(matches(k, key) for k in keys):
+                self._deliver(handler, envelope)
+
+    async def publish_telemetry(self, envelope: Envelope) -> None:
+        for keys, handler in self._fanout:
+            if any(matches(k, envelope.routing_key) for k in keys):
                 self._deliver(handler, envelope)
 
     async def healthy(self) -> bool:

@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from aio_pika import DeliveryMode, Message
 from aio_pika.exceptions import PublishError
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import (
@@ -113,6 +114,7 @@ class RabbitBus(Bus):
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
         self._private_id = private_id
         self._started = False
+        self._telemetry_channel = Channel(publisher_confirms=False)
         keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY)
         self._publishers = {key: self._publisher(key) for key in keys}
 
@@ -178,6 +180,21 @@ class RabbitBus(Bus):
             if key in WORK_KEYS:
                 raise
             log.debug("no queue for %s; dropped position %d", key, envelope.position)
+
+    async def publish_telemetry(self, envelope: Envelope) -> None:
+        """On its own channel without confirms, transient, not mandatory: the next replaces it."""
+        if not self._started:
+            raise ConnectionError("the bus is not started (or its start failed)")
+        manager = self._broker.config.channel_manager
+        channel = await manager.get_channel(self._telemetry_channel)
+        exchange = await channel.get_exchange(self._exchange.name, ensure=False)
+        message = Message(
+            envelope.model_dump_json().encode(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+        )
+        publishing = exchange.publish(message, routing_key=envelope.routing_key, mandatory=False)
+        await asyncio.wait_for(publishing, self._publish_seconds)
 
     async def healthy(self) -> bool:
         try:

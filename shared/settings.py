@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     api_port: int = Field(8001, ge=1, le=65535)
     api_url: str = "http://127.0.0.1:8001"
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    ws_queue: int = Field(1000, ge=1, description="messages a WebSocket client may lag behind")
     poll_seconds: float = Field(0.2, gt=0)
     lease_seconds: float = Field(60.0, gt=0)
     worker_name: str = Field(default_factory=_default_worker)

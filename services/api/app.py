@@ -14,9 +14,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.api import errors
 from services.api.auth import RequireKey
 from services.api.deps import ApiContext
+from services.api.hub import Hub
 from services.api.limits import BodyLimit
 from services.api.metrics import HttpMetrics
-from services.api.routes import dashboard, events, health, jobs, metrics
+from services.api.routes import dashboard, events, health, jobs, metrics, ws
+from shared.bus import ALL_KEYS
 
 log = logging.getLogger(__name__)
 Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -44,6 +46,8 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         description="Submit, watch, pause, resume, cancel and audit training jobs.",
     )
     app.state.context = context
+    app.state.hub = Hub(context.settings.ws_queue)
+    context.bus.subscribe_fanout(ALL_KEYS, app.state.hub.relay)
     app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
     app.add_middleware(RequireKey, keys=context.settings.api_keys)
     if context.settings.cors_origins:
@@ -57,7 +61,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         )
     app.add_middleware(HttpMetrics)
     errors.install(app)
-    for module in (jobs, events, health):
+    for module in (jobs, events, health, ws):
         app.include_router(module.router)
     dashboard.install(app)
     metrics.install(app, context.jobs, context.reads)

@@ -7,6 +7,7 @@ import time
 from uuid import UUID
 
 from services.trainer.control import Control, Metrics, StartInfo, StepInfo
+from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
 from shared.domainmodel import CANCELLING, PAUSING
 
@@ -25,12 +26,17 @@ class StoreHooks:
         self.nudged = threading.Event()
         self._confirmed_at = time.monotonic()
         self.last_step: StepInfo | None = None
+        self.telemetry: StepTelemetry | None = None
 
     def on_start(self, info: StartInfo) -> None:
         self.nudged.set()
+        if self.telemetry is not None:
+            self.telemetry.start(info)
 
     def check(self, step: StepInfo) -> Control:
         self.last_step = step
+        if self.telemetry is not None:
+            self.telemetry(step)
         due = time.monotonic() - self._confirmed_at > CONFIRM_SECONDS
         if not (due or self.nudged.is_set()):
             return Control.CONTINUE

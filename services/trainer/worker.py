@@ -16,6 +16,7 @@ from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
 from services.trainer.leases import Lease, LeaseBook
 from services.trainer.loop import resolve_runtime
+from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
 from shared.bus import NUDGE_KEYS, Bus, Envelope
 from shared.config import FilesDataset, JobConfig
@@ -32,7 +33,7 @@ class Trainer:
     """One job at a time. The work queue wakes it; the store decides who runs what."""
 
     def __init__(self, settings: Settings, jobs: TrainingJobs, reads: ReadStore, bus: Bus) -> None:
-        self.settings, self.jobs, self.reads = settings, jobs, reads
+        self.settings, self.jobs, self.reads, self.bus = settings, jobs, reads, bus
         self.worker = settings.worker_name
         self.leases = LeaseBook(reads, settings.lease_seconds)
         self.current: StoreHooks | None = None
@@ -89,6 +90,8 @@ class Trainer:
 
     async def _train(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
         job, hooks = claimed
+        loop = asyncio.get_running_loop()
+        hooks.telemetry = StepTelemetry(self.bus, loop, str(job.id), self.worker)
         self.current = hooks
         heartbeat = asyncio.create_task(self._heartbeat(hooks))
         try:

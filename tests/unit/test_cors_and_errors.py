@@ -1,0 +1,75 @@
+"""CORS from the configured origins only, and no database text in any error a client sees."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api.app import create_app
+from services.runtime import build_api
+from shared.settings import Settings
+
+API = "/api/v1/training"
+FRONTEND = "https://heimdall.example.org"
+
+
+def app_client(settings: Settings, **update: object) -> TestClient:
+    configured = Settings.model_validate({**settings.model_dump(), **update})
+    context, _ = build_api(configured, with_projector=False)
+    return TestClient(create_app(context), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(sqlite_settings: Settings) -> Iterator[TestClient]:
+    with app_client(sqlite_settings, cors_origins=f"{FRONTEND},http://localhost:5173") as c:
+        yield c
+
+
+def test_a_listed_origin_gets_its_preflight_and_response_headers(client: TestClient) -> None:
+    preflight = client.options(
+        f"{API}/jobs",
+        headers={
+            "Origin": FRONTEND,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == FRONTEND
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in preflight.headers
+    response = client.get(f"{API}/jobs", headers={"Origin": FRONTEND})
+    assert response.headers["access-control-allow-origin"] == FRONTEND
+
+
+def test_another_origin_gets_no_cors_headers(client: TestClient) -> None:
+    evil = "https://evil.example.com"
+    preflight = client.options(
+        f"{API}/jobs", headers={"Origin": evil, "Access-Control-Request-Method": "POST"}
+    )
+    assert preflight.status_code == 400
+    assert "access-control-allow-origin" not in preflight.headers
+    response = client.get(f"{API}/jobs", headers={"Origin": evil})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_without_origins_there_is_no_cors_at_all(sqlite_settings: Settings) -> None:
+    with app_client(sqlite_settings) as c:
+        response = c.get(f"{API}/jobs", headers={"Origin": FRONTEND})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_a_database_error_never_reaches_the_client(sqlite_settings: Settings) -> None:
+    with app_client(sqlite_settings) as c:
+        reads = sqlite3.connect(sqlite_settings.data_dir / "read.sqlite")
+        reads.execute("DROP TABLE training_jobs")
+        reads.close()
+        response = c.get(f"{API}/jobs", params={"status": "queued"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    for leak in ("training_jobs", "SELECT", "no such table", "Traceback", "sqlite"):
+        assert leak not in response.text
