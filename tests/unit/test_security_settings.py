@@ -103,6 +103,6 @@ def test_without_keys_only_loopback_and_a_warning(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.WARNING):
         check_exposure(Settings(api_host="127.0.0.1", _env_file=None))
     assert "no API keys configured" in caplog.text and "loopback" in caplog.text
-    with pytest.raises(ConfigurationError, match="refusing to listen on 0.0.0.0"):
+    with pytest.raises(ConfigurationError, match=r"refusing to listen on 0\.0\.0\.0"):
         check_exposure(Settings(api_host="0.0.0.0", _env_file=None))
     check_exposure(Settings(api_host="0.0.0.0", api_keys=f"a:{KEY_A}:viewer", _env_file=None))
