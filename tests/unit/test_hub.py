@@ -1,0 +1,192 @@
+"""The WebSocket hub on the in-process bus: routing, bounded queues, messages, telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from services.api.hub import Hub, Outgoing, Subscription, encode, event_message
+from services.api.routes.ws import BadQueryError, parse_after
+from services.api.session import reply
+from services.trainer.control import StartInfo, StepInfo
+from services.trainer.telemetry import StepTelemetry
+from shared.bus import ALL_KEYS, NUDGE_KEYS, Envelope, InProcessBus, routing_key
+from tests.unit.test_bus import settle
+
+
+def stored(position: int, kind: str, job_id: str, **data: Any) -> Envelope:
+    return Envelope(
+        position=position,
+        job_id=job_id,
+        version=position,
+        kind=kind,
+        routing_key=routing_key(kind),
+        timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        actor="tester",
+        data=data,
+    )
+
+
+def drain(subscription: Subscription) -> list[dict[str, Any]]:
+    items = []
+    while not subscription.queue.empty():
+        items.append(json.loads(subscription.queue.get_nowait().text))
+    return items
+
+
+async def test_each_event_reaches_its_jobs_watchers_and_the_all_jobs_watchers() -> None:
+    bus, hub = InProcessBus(), Hub(queue_size=10)
+    bus.subscribe_fanout(ALL_KEYS, hub.relay)
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    on_a, on_b, on_all = hub.subscribe(a), hub.subscribe(b), hub.subscribe(None)
+    await bus.start()
+    await bus.publish(stored(1, "Submitted", a))
+    await bus.publish(stored(2, "EpochCompleted", b, epoch=1))
+    await bus.publish(stored(3, "Started", a))
+    await settle(bus)
+    assert [m["position"] for m in drain(on_a)] == [1, 3]
+    assert [(m["event"], m["position"]) for m in drain(on_b)] == [("training_progress", 2)]
+    assert [m["position"] for m in drain(on_all)] == [1, 2, 3]
+    assert hub.clients == 3
+    for subscription in (on_a, on_b, on_all):
+        hub.unsubscribe(subscription)
+    assert hub.clients == 0
+    await bus.stop()
+
+
+async def test_a_full_queue_marks_the_client_behind_and_takes_no_more() -> None:
+    hub, job = Hub(queue_size=2), str(uuid.uuid4())
+    slow, quick = hub.subscribe(job), hub.subscribe(job)
+    for position in (1, 2, 3):
+        await hub.relay(stored(position, "CheckpointSaved", job))
+        drain(quick)
+    assert slow.overflowed.is_set() and not quick.overflowed.is_set()
+    assert slow.queue.qsize() == 2
+    await hub.relay(stored(4, "CheckpointSaved", job))
+    assert [m["position"] for m in drain(slow)] == [1, 2]
+
+
+async def test_telemetry_reaches_fanouts_only_and_carries_no_position() -> None:
+    bus, hub, job = InProcessBus(), Hub(), str(uuid.uuid4())
+    work: list[Envelope] = []
+    nudges: list[Envelope] = []
+
+    async def on_work(envelope: Envelope) -> None:
+        work.append(envelope)
+
+    async def on_nudge(envelope: Envelope) -> None:
+        nudges.append(envelope)
+
+    bus.subscribe_work(on_work)
+    bus.subscribe_fanout(NUDGE_KEYS, on_nudge)
+    bus.subscribe_fanout(ALL_KEYS, hub.relay)
+    watcher = hub.subscribe(job)
+    await bus.publish_telemetry(Envelope.step(job, "w1", {"epoch": 1, "step": 2}))
+    await settle(bus)
+    assert work == [] and nudges == []
+    [message] = drain(watcher)
+    assert message["event"] == "training_step" and "position" not in message
+    assert message["data"] == {"epoch": 1, "step": 2} and message["job_id"] == job
+
+
+def test_event_messages_are_strict_json_with_the_contract_fields() -> None:
+    job = str(uuid.uuid4())
+    envelope = stored(7, "EpochCompleted", job, metrics={"val_loss": float("nan")}, epoch=2)
+    message = json.loads(Outgoing.of(envelope).text)
+    assert set(message) == {"event", "job_id", "position", "timestamp", "data"}
+    assert message["event"] == "training_progress" and message["position"] == 7
+    assert message["data"]["metrics"]["val_loss"] is None
+    assert message["timestamp"] == "2026-01-02T03:04:05+00:00"
+    assert event_message(envelope)["event"] == "training_progress"
+    assert json.loads(encode({"x": [float("inf"), 1.5]})) == {"x": [None, 1.5]}
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ({"type": "websocket.receive", "text": '{"event": "ping"}'}, "pong"),
+        ({"type": "websocket.receive", "text": "{nope"}, "malformed JSON"),
+        ({"type": "websocket.receive", "text": "[1, 2]"}, '"event" field'),
+        ({"type": "websocket.receive", "text": '{"event": "subscribe"}'}, "unknown event"),
+        ({"type": "websocket.receive", "bytes": b"\x00"}, "not binary"),
+    ],
+)
+def test_client_messages_get_a_pong_or_an_error_naming_the_problem(
+    message: dict[str, Any], expected: str
+) -> None:
+    answer = reply(message)
+    if expected == "pong":
+        assert answer["event"] == "pong" and "timestamp" in answer
+    else:
+        assert answer["event"] == "error" and expected in answer["detail"]
+
+
+def test_after_is_one_non_negative_64_bit_integer() -> None:
+    assert parse_after([]) is None
+    assert parse_after(["0"]) == 0
+    assert parse_after([str(2**63 - 1)]) == 2**63 - 1
+    for bad in (["-1"], ["abc"], ["1.5"], [""], [str(2**63)], ["9" * 5000], ["1", "2"], ["\u0661"]):
+        with pytest.raises(BadQueryError, match="after: must be an integer"):
+            parse_after(bad)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_step_telemetry_is_throttled_and_never_blocks_the_training_thread() -> None:
+    bus, hub, job = InProcessBus(), Hub(), str(uuid.uuid4())
+    bus.subscribe_fanout(ALL_KEYS, hub.relay)
+    watcher, clock = hub.subscribe(job), Clock()
+    telemetry = StepTelemetry(bus, asyncio.get_running_loop(), job, "w1", clock=clock)
+    telemetry.start(StartInfo("cpu", 80, 20, 0, total_epochs=2, steps_per_epoch=10))
+
+    def train() -> None:  # on a thread, as the trainer runs it
+        for step, at in enumerate((0.0, 0.5, 0.99, 1.0, 1.5, 2.0), start=1):
+            clock.now = 100.0 + at
+            telemetry(StepInfo(1, step, 10, loss=1.0 / step, samples_per_second=8.0))
+
+    await asyncio.to_thread(train)
+    await settle(bus)
+    await asyncio.sleep(0.05)
+    await settle(bus)
+    steps = [m["data"] for m in drain(watcher)]
+    assert [s["step"] for s in steps] == [1, 4, 6]
+    assert steps[0]["eta_seconds"] is None
+    assert steps[1]["eta_seconds"] == pytest.approx((20 - 4) * 1.0 / 3, abs=0.1)
+    assert steps[2] | {"loss": None} == {
+        "epoch": 1,
+        "total_epochs": 2,
+        "step": 6,
+        "steps_per_epoch": 10,
+        "loss": None,
+        "samples_per_second": 8.0,
+        "eta_seconds": pytest.approx(14 * 2.0 / 5, abs=0.1),
+    }
+
+
+def test_step_telemetry_after_the_loop_closed_is_dropped_quietly() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()
+    telemetry = StepTelemetry(InProcessBus(), loop, str(uuid.uuid4()), "w1")
+    telemetry(StepInfo(1, 1, 10, loss=float("nan"), samples_per_second=1.0))
+
+
+async def test_a_failing_bus_drops_telemetry_without_raising() -> None:
+    class DownBus(InProcessBus):
+        async def publish_telemetry(self, envelope: Envelope) -> None:
+            raise ConnectionError("down")
+
+    telemetry = StepTelemetry(DownBus(), asyncio.get_running_loop(), str(uuid.uuid4()), "w1")
+    telemetry(StepInfo(1, 1, 10, loss=0.5, samples_per_second=1.0))
+    await asyncio.sleep(0.01)
+    assert not telemetry._tasks
