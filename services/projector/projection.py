@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from uuid import UUID
 
 from eventsourcing.persistence import Notification
@@ -10,7 +11,7 @@ from eventsourcing.persistence import Notification
 from shared.application import TrainingJobs
 from shared.domainmodel import TrainingJob
 from shared.readmodel.store import UPSERT_JOB, UPSERT_METRIC, ReadStore
-from shared.views import job_row, metric_row
+from shared.views import Row, job_row, metric_row
 
 CACHE_SIZE = 1000
 
@@ -24,12 +25,7 @@ class JobsProjection:
 
     def process(self, notification: Notification) -> bool:
         """Apply one notification; False if its position was already projected."""
-        domain_event = self.app.mapper.to_domain_event(notification)
-        assert isinstance(domain_event, TrainingJob.Event)
-        job = self._job_before(domain_event.originator_id, domain_event.originator_version)
-        mutated = domain_event.mutate(job)
-        assert isinstance(mutated, TrainingJob)
-        job = mutated
+        job, metric = self._apply(notification)
         with self.store.transaction() as tx:
             moved = tx.execute(
                 "UPDATE projector_positions SET position = ? WHERE name = 'projected'"
@@ -39,12 +35,49 @@ class JobsProjection:
             if not moved:
                 return False
             tx.execute(UPSERT_JOB, list(job_row(job, notification.id).values()))
-            metrics = getattr(domain_event, "metrics", None)
-            if metrics is not None:
-                row = metric_row(str(job.id), metrics, domain_event.timestamp, notification.id)
-                tx.execute(UPSERT_METRIC, list(row.values()))
-        self._remember(job)
+            if metric is not None:
+                tx.execute(UPSERT_METRIC, list(metric.values()))
         return True
+
+    def process_batch(self, notifications: Sequence[Notification]) -> int:
+        """Apply consecutive notifications in one transaction, each job's row written once
+        (its state after the batch); 0 if the first was already projected."""
+        if not notifications:
+            return 0
+        jobs: dict[UUID, tuple[TrainingJob, int]] = {}
+        metrics: list[Row] = []
+        for notification in notifications:
+            job, metric = self._apply(notification)
+            jobs[job.id] = job, notification.id
+            metrics += [metric] if metric is not None else []
+        first, last = notifications[0].id, notifications[-1].id
+        with self.store.transaction() as tx:
+            moved = tx.execute(
+                "UPDATE projector_positions SET position = ? WHERE name = 'projected'"
+                " AND position < ?",
+                [last, first],
+            )
+            if not moved:
+                return 0
+            tx.executemany(UPSERT_JOB, [list(job_row(*jp).values()) for jp in jobs.values()])
+            tx.executemany(UPSERT_METRIC, [list(m.values()) for m in metrics])
+        return len(notifications)
+
+    def _apply(self, notification: Notification) -> tuple[TrainingJob, Row | None]:
+        """The job after this event (cached: a version check catches a rolled-back one),
+        and the event's metrics row if it has one."""
+        domain_event = self.app.mapper.to_domain_event(notification)
+        assert isinstance(domain_event, TrainingJob.Event)
+        job = self._job_before(domain_event.originator_id, domain_event.originator_version)
+        mutated = domain_event.mutate(job)
+        assert isinstance(mutated, TrainingJob)
+        self._remember(mutated)
+        metrics = getattr(domain_event, "metrics", None)
+        if metrics is None:
+            return mutated, None
+        return mutated, metric_row(
+            str(mutated.id), metrics, domain_event.timestamp, notification.id
+        )
 
     def _job_before(self, job_id: UUID, version: int) -> TrainingJob | None:
         """The job as it was just before this event (from the cache or the store)."""

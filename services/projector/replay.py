@@ -43,8 +43,7 @@ def rebuild(app: TrainingJobs, store: ReadStore, up_to: int) -> int:
         )
         if not batch:
             break
-        for notification in batch:
-            projection.process(notification)
+        projection.process_batch(batch)
         after, count = batch[-1].id, count + len(batch)
     return count
 

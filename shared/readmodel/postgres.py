@@ -21,6 +21,10 @@ class _PostgresTx:
         self.cursor.execute(sql.replace("?", "%s"), params)
         return self.cursor.rowcount
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.cursor.executemany(sql.replace("?", "%s"), rows)
+
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self.cursor.execute(sql.replace("?", "%s"), params)
         return self.cursor.fetchall()

@@ -18,6 +18,9 @@ class _SQLiteTx:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self.conn.execute(sql, params).rowcount
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
 
