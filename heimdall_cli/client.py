@@ -18,9 +18,19 @@ class ApiError(Exception):
         self.status, self.detail = status, detail
 
 
+HINTS = {
+    401: "set HEIMDALL_API_KEY to a key from the api's HEIMDALL_API_KEYS",
+    403: "this needs a key with the operator role in HEIMDALL_API_KEY",
+}
+
+
 class ApiClient:
+    """Sends HEIMDALL_API_KEY, when set, as `Authorization: Bearer`."""
+
     def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
-        self.http = httpx.Client(base_url=settings.api_url, timeout=timeout)
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=settings.api_url, timeout=timeout, headers=headers)
 
     def submit(self, body: Json, idempotency_key: str | None = None) -> Json:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -46,6 +56,7 @@ class ApiClient:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text
-            raise ApiError(response.status_code, detail)
+            hint = HINTS.get(response.status_code)
+            raise ApiError(response.status_code, f"{detail} ({hint})" if hint else detail)
         result: Json = response.json() if response.content else {}
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from heimdall_cli.client import ApiClient, ApiError
-from shared.settings import Settings
+from shared.logs import configure_logging
+from shared.security import ConfigurationError
+from shared.settings import Settings, load_settings
 
 app = typer.Typer(
     help="Heimdall Training: submit, watch and audit training jobs.", no_args_is_help=True
@@ -24,8 +27,19 @@ app.add_typer(dataset_app, name="dataset")
 console = Console()
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _run_service(run: Callable[[Settings], None]) -> None:
+    """Settings and logging, then the service; a configuration error exits 2, clearly."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        typer.echo(f"heimdall: {error}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        run(settings)
+    except ConfigurationError as error:
+        logging.getLogger("heimdall").critical("%s", error)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -33,8 +47,7 @@ def up() -> None:
     """Run api, projector and trainer in one process on the embedded default."""
     from services.runtime import serve_embedded
 
-    _logging()
-    serve_embedded(Settings())
+    _run_service(serve_embedded)
 
 
 @app.command()
@@ -42,8 +55,7 @@ def api() -> None:
     """Run the api alone (its projector runs as `heimdall projector`)."""
     from services.runtime import serve
 
-    _logging()
-    serve(Settings(), with_projector=False)
+    _run_service(lambda settings: serve(settings, with_projector=False))
 
 
 @app.command()
@@ -51,8 +63,7 @@ def projector() -> None:
     """Run the projector alone."""
     from services.runtime import run_projector
 
-    _logging()
-    run_projector(Settings())
+    _run_service(run_projector)
 
 
 @app.command()
@@ -60,8 +71,7 @@ def trainer() -> None:
     """Run one trainer: it takes runnable jobs from the work queue, one at a time."""
     from services.runtime import run_trainer
 
-    _logging()
-    run_trainer(Settings())
+    _run_service(run_trainer)
 
 
 def _load_config(path: Path) -> Any:

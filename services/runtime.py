@@ -6,11 +6,14 @@ import asyncio
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
 from services.api.app import Background, create_app
+from services.api.auth import check_exposure
 from services.api.deps import ApiContext
 from services.projector.runner import Projector
 from shared.bootstrap import build_app, build_bus, build_read_store
+from shared.metrics import StoreCollector, serve_metrics
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,9 +33,21 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
 
 def serve(settings: Settings, with_projector: bool) -> None:
     """Run the api (and, embedded, the projector) until interrupted."""
+    check_exposure(settings)
     context, background = build_api(settings, with_projector)
-    app = create_app(context, background)
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+    serve_http(create_app(context, background), settings)
+
+
+def serve_http(app: FastAPI, settings: Settings) -> None:
+    """uvicorn with our logging (its access lines too) and the WebSocket message limit."""
+    uvicorn.run(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        ws_max_size=settings.ws_max_message_bytes,
+    )
 
 
 def run_projector(settings: Settings) -> None:
@@ -42,6 +57,7 @@ def run_projector(settings: Settings) -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
         stop = asyncio.Event()
+        serve_metrics(settings, StoreCollector(jobs, reads, job_counts=False))
         await bus.start()
         log.info("projector ready")
         try:
@@ -56,16 +72,12 @@ def serve_embedded(settings: Settings) -> None:
     """Everything in one process: api, projector and a trainer on an in-process bus."""
     from services.trainer.worker import build_trainer
 
+    check_exposure(settings)
     context, background = build_api(settings, with_projector=True)
     trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
     background.append(trainer.run_forever)
     log.info("embedded run: store and read tables under %s", settings.data_dir.resolve())
-    uvicorn.run(
-        create_app(context, background),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level="info",
-    )
+    serve_http(create_app(context, background), settings)
 
 
 def run_trainer(settings: Settings) -> None:
@@ -76,6 +88,7 @@ def run_trainer(settings: Settings) -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
         trainer = build_trainer(settings, jobs, reads, bus)
         stop = asyncio.Event()
+        serve_metrics(settings)
         await bus.start()
         log.info("trainer %s ready", settings.worker_name)
         try:
