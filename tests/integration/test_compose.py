@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"postgres", "rabbitmq", "api", "projector", "trainer-1", "trainer-2"}
 TRAINERS = ("trainer-1", "trainer-2")
+# The api listens on 0.0.0.0 in its container, so the file takes keys from the environment.
+KEYS = "frontend:0123456789abcdef01234567:operator"
+ENV = {**os.environ, "HEIMDALL_API_KEYS": KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,7 @@ def config() -> dict[str, Any]:
     if binary is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     done = subprocess.run(
-        [binary, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60
+        [binary, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60, env=ENV
     )
     assert done.returncode == 0, done.stderr
     resolved: dict[str, Any] = yaml.safe_load(done.stdout)
@@ -35,9 +39,39 @@ def test_the_file_is_valid_for_docker_compose() -> None:
     if binary is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     done = subprocess.run(
-        [binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60
+        [binary, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_api_needs_keys_from_the_environment() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    env = {k: v for k, v in os.environ.items() if k != "HEIMDALL_API_KEYS"}
+    done = subprocess.run(
+        [binary, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode != 0 and "set HEIMDALL_API_KEYS" in done.stderr
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]["api"]["environment"]
+    assert raw["HEIMDALL_API_KEYS"].startswith("${HEIMDALL_API_KEYS:?"), "a key in the repo"
+
+
+def test_keys_reach_only_the_api_and_metrics_ports_the_others(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert services["api"]["environment"]["HEIMDALL_API_KEYS"] == KEYS
+    for name in ("projector", *TRAINERS):
+        env = services[name]["environment"]
+        assert "HEIMDALL_API_KEYS" not in env
+        assert (env["HEIMDALL_METRICS_HOST"], env["HEIMDALL_METRICS_PORT"]) == ("0.0.0.0", "9100")
 
 
 def test_every_service_is_there(config: dict[str, Any]) -> None:
