@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.api import errors
-from services.api.auth import RequireKey
+from services.api.auth import RequireKey, SocketGate
 from services.api.deps import ApiContext
 from services.api.hub import Hub
 from services.api.limits import BodyLimit
@@ -50,6 +50,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     context.bus.subscribe_fanout(ALL_KEYS, app.state.hub.relay)
     app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
     app.add_middleware(RequireKey, keys=context.settings.api_keys)
+    app.state.sockets = SocketGate(context.settings.api_keys, context.settings.ws_clients_per_key)
     if context.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -11,11 +13,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from shared.security import ApiKey, ConfigurationError, find_key, is_loopback
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+CLOSE_UNAUTHORIZED, CLOSE_TOO_MANY = 4401, 4429  # as HTTP's 401 and 429
 ANONYMOUS = ApiKey("anonymous", "", "operator")
 bearer = HTTPBearer(
     auto_error=False,
@@ -94,6 +98,43 @@ def operator(request: Request, client: Annotated[ApiKey, Depends(current_client)
 
 ClientDep = Annotated[ApiKey, Depends(current_client)]
 OperatorDep = Annotated[ApiKey, Depends(operator)]
+
+
+class SocketGate:
+    """Who may open a WebSocket, and how many each key may hold open at once."""
+
+    def __init__(self, keys: Sequence[ApiKey], per_key: int) -> None:
+        self.keys, self.per_key = keys, per_key
+        self.open: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def admit(self, websocket: WebSocket) -> AsyncIterator[ApiKey | None]:
+        """The caller's key while its socket is open; None once a refused one is closed.
+
+        A refused socket is accepted and closed at once with a code and a reason and no
+        message, as a browser cannot read the status of a refused handshake.
+        """
+        client = authenticate(self.keys, connection_token(websocket))
+        if client is None:
+            await _close(websocket, CLOSE_UNAUTHORIZED, "missing or unknown API key")
+            yield None
+            return
+        if self.open[client.name] >= self.per_key:
+            reason = f"too many WebSocket clients for key {client.name!r} (at most {self.per_key})"
+            log.warning("websocket refused: %s", reason)
+            await _close(websocket, CLOSE_TOO_MANY, reason)
+            yield None
+            return
+        self.open[client.name] += 1
+        try:
+            yield client
+        finally:
+            self.open[client.name] -= 1
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.accept()
+    await websocket.close(code, reason[:120])
 
 
 def check_exposure(settings: Settings) -> None:

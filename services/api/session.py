@@ -38,6 +38,7 @@ TERMINAL_KINDS = frozenset({"Completed", "Failed", "Cancelled"})
 # Terminal depending on the state before: cancelling a queued job, losing the last attempt.
 MAYBE_TERMINAL_KINDS = frozenset({"CancelRequested", "WorkerLost"})
 CLOSE_NORMAL, CLOSE_ERROR, CLOSE_TRY_AGAIN, CLOSE_NOT_FOUND = 1000, 1011, 1013, 4404
+CLOSE_TOO_BIG = 1009
 
 
 class LiveSession:
@@ -165,6 +166,11 @@ class LiveSession:
         while True:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
+                return
+            size = len(message.get("text") or message.get("bytes") or "")
+            limit = self.context.settings.ws_max_message_bytes
+            if size > limit:  # uvicorn's ws_max_size says the same before it gets here
+                await self.refuse(CLOSE_TOO_BIG, f"message over {limit} bytes")
                 return
             await self.send(encode(reply(message)))
 

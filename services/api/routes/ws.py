@@ -23,13 +23,17 @@ class BadQueryError(ValueError):
 @router.websocket("/ws/training/{job_id}")
 async def watch_job(websocket: WebSocket, job_id: str) -> None:
     """One job: `connected`, its status, each event after `?after=`; closed once it ends."""
-    await open_stream(websocket, job_id)
+    async with websocket.app.state.sockets.admit(websocket) as client:
+        if client is not None:
+            await open_stream(websocket, job_id)
 
 
 @router.websocket("/ws/training")
 async def watch_all(websocket: WebSocket) -> None:
     """Every job: `connected`, each active job's status, then every event after `?after=`."""
-    await open_stream(websocket, None)
+    async with websocket.app.state.sockets.admit(websocket) as client:
+        if client is not None:
+            await open_stream(websocket, None)
 
 
 async def open_stream(websocket: WebSocket, job_id: str | None) -> None:
