@@ -50,7 +50,8 @@ function describe(status, body) {
     return `${status}: ` + detail.map((e) => `${fieldPath(e.loc)}: ${e.msg}`).join("; ");
   }
   const current = body && body.status ? ` (job is ${body.status})` : "";
-  return `${status}: ${detail || "request failed"}${current}`;
+  const hint = status === 401 ? " (open this page with ?token=YOUR_KEY)" : "";
+  return `${status}: ${detail || "request failed"}${current}${hint}`;
 }
 
 const fieldPath = (loc) => (loc || []).filter((part) => part !== "body").join(".");
@@ -71,9 +72,11 @@ class LiveSocket {
       this.pinger = setInterval(() => ws.send(JSON.stringify({ event: "ping" })), 20000);
     };
     ws.onmessage = (message) => this.receive(message.data);
-    ws.onclose = () => {
+    ws.onclose = (event) => {
       clearInterval(this.pinger);
-      this.onState(false);
+      // 4xxx: the server refused this request (unknown job, bad query, no key): retrying won't help.
+      if (event.code >= 4000 && event.code < 5000) this.stopped = true;
+      this.onState(false, event.reason);
       if (this.stopped) return;
       setTimeout(() => this.stopped || this.open(), this.delay);
       this.delay = Math.min(this.delay * 2, 5000);
@@ -87,7 +90,8 @@ class LiveSocket {
     } catch {
       return;
     }
-    if (Number.isInteger(message.position)) {
+    // Stored events carry positions; telemetry (`training_step`) is not stored and has none.
+    if (Number.isInteger(message.position) && message.position > 0) {
       if (this.after !== null && message.position <= this.after) return;
       this.after = message.position;
     }
@@ -110,6 +114,13 @@ function debounce(fn, ms) {
 }
 
 const fmt = (value, digits = 4) => (value === null || value === undefined ? "–" : Number(value).toPrecision(digits));
+
+/** A time today, a date before. */
+function when(iso) {
+  const moment = new Date(iso);
+  const today = moment.toDateString() === new Date().toDateString();
+  return today ? moment.toLocaleTimeString() : moment.toLocaleDateString();
+}
 
 function cell(text, className = "") {
   const td = document.createElement("td");
@@ -153,7 +164,7 @@ function jobRow(job) {
     statusCell,
     cell(`${job.current_epoch}/${job.total_epochs}`),
     cell(fmt(job.val_loss)),
-    cell(new Date(job.created_at).toLocaleString()),
+    cell(when(job.created_at)),
   );
   tr.title = job.id;
   tr.addEventListener("click", () => select(job.id));
@@ -166,8 +177,8 @@ function onFeed(message) {
   }
 }
 
-function setLive(on) {
-  $("live").textContent = on ? "live" : "reconnecting…";
+function setLive(on, reason = "") {
+  $("live").textContent = on ? "live" : reason ? `disconnected: ${reason}` : "reconnecting…";
   $("live").classList.toggle("on", on);
 }
 
@@ -249,7 +260,7 @@ async function loadJob(id) {
 const reloadJob = debounce(() => state.selected && loadJob(state.selected), 150);
 
 async function loadMetrics(id) {
-  const rows = await api(`/jobs/${id}/metrics`);
+  const rows = await api(`/jobs/${id}/metrics`).catch(() => []);
   if (id !== state.selected) return;
   rows.forEach((row) => state.metrics.set(row.epoch, row));
   drawCharts();
@@ -270,6 +281,7 @@ function showJob(job) {
 
 function onJobEvent(message) {
   if (message.job_id && message.job_id !== state.selected) return;
+  if (message.event === "training_status") return showJob(message);
   if (message.event === "training_step") {
     state.step = message.data;
     return renderProgress();
@@ -280,7 +292,7 @@ function onJobEvent(message) {
     drawCharts();
   }
   if (TERMINAL_EVENTS.has(message.event)) state.socket.stop();
-  if (message.event.startsWith("training_")) reloadJob();
+  if (String(message.event).startsWith("training_")) reloadJob();
 }
 
 function renderProgress() {
@@ -293,20 +305,26 @@ function renderProgress() {
   if (step && step.steps_per_epoch) {
     done = (step.epoch - 1 + step.step / step.steps_per_epoch) / total;
     const speed = step.samples_per_second ? ` · ${Math.round(step.samples_per_second)} samples/s` : "";
-    text = `Epoch ${step.epoch} of ${job.total_epochs} · step ${step.step} of ${step.steps_per_epoch} · loss ${fmt(step.loss)}${speed}`;
+    const eta = Number.isFinite(step.eta_seconds) ? ` · ETA ${duration(step.eta_seconds)}` : "";
+    text = `Epoch ${step.epoch} of ${job.total_epochs} · step ${step.step} of ${step.steps_per_epoch} · loss ${fmt(step.loss)}${speed}${eta}`;
   }
   $("d-bar").value = Math.min(Math.max(done, 0), 1);
   $("d-progress").textContent = text;
+}
+
+function duration(seconds) {
+  const s = Math.round(seconds);
+  return s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m ${s % 60}s` : `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
 }
 
 async function command(verb) {
   if (!state.selected) return;
   try {
     const result = await api(`/jobs/${state.selected}/${verb}`, { method: "POST" });
-    showResult($("d-message"), result.message, true);
+    showResult($("d-message"), `${new Date().toLocaleTimeString()} ${result.message}`, true);
     showJob(result);
   } catch (error) {
-    showResult($("d-message"), `Could not ${verb}: ${error.message}`, false);
+    showResult($("d-message"), `${new Date().toLocaleTimeString()} could not ${verb}: ${error.message}`, false);
   }
 }
 
@@ -320,19 +338,19 @@ function drawCharts() {
   });
   plot("chart-loss", "Loss", [line("train_loss", "train"), line("val_loss", "val")]);
   plot("chart-lr", "Learning rate", [line("learning_rate", "learning rate")]);
-  plot("chart-distance", "Validation distance error (m)", [
+  plot("chart-distance", "Distance error, validation (m)", [
     line("val_distance_p50_m", "p50"), line("val_distance_p95_m", "p95", "dot"),
   ]);
 }
 
 function plot(id, title, traces) {
   const layout = {
-    title: { text: title, font: { size: 13 } },
+    title: { text: title, font: { size: 13 }, x: 0.01, xanchor: "left" },
     margin: { l: 55, r: 15, t: 30, b: 35 },
     xaxis: { title: { text: "epoch" }, rangemode: "tozero" },
     legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right" },
   };
-  Plotly.react(id, traces, layout, { displaylogo: false, responsive: true });
+  Plotly.react(id, traces, layout, { displayModeBar: false, responsive: true });
 }
 
 // ---- start ----

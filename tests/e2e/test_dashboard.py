@@ -1,0 +1,198 @@
+"""The dashboard in a real headless Chromium against `heimdall up`: submit, watch, pause, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from shared.settings import Settings
+from tests.processes import API, Service, free_port, settings_env, wait_healthy
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromedriver are not installed (.ci/run installs them)",
+)
+EPOCHS = 6
+TINY = '{"accelerator": "cpu", "dataset": {"samples": 64, "n_mels": 16, "frames": 16}}'
+KEY = uuid.uuid4().hex  # the api runs with an operator key, as it would in production
+POINTS = "const c = document.getElementById('chart-loss'); return c.data ? c.data[0].x.length : 0"
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `heimdall up` for the module's tests: each test owns its job names."""
+    tmp_path = tmp_path_factory.mktemp("up")
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "var", poll_seconds=0.05)
+    keys = f"dashboard:{KEY}:operator"
+    env = settings_env(settings, api_port=port, api_host="127.0.0.1", api_keys=keys)
+    service = Service("up", env, tmp_path, "up").start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            wait_healthy(client)
+        yield url
+    finally:
+        service.stop()
+        print(service.log()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1400,1100")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=DriverService(str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Page:
+    """The dashboard as a person uses it: by element ids, waiting for what the page shows."""
+
+    def __init__(self, driver: WebDriver, url: str) -> None:
+        self.driver, self.url = driver, url
+
+    def text(self, element_id: str) -> str:
+        return str(self.driver.find_element(By.ID, element_id).text)
+
+    def wait(self, condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+        waiter = WebDriverWait(self.driver, timeout, poll_frequency=0.1)
+        return waiter.until(lambda _: condition(), f"timed out waiting for {what}")
+
+    def fill(self, **fields: str) -> None:
+        for element_id, value in fields.items():
+            field = self.driver.find_element(By.ID, element_id)
+            field.clear()
+            field.send_keys(value)
+
+    def click(self, element_id: str) -> None:
+        self.driver.find_element(By.ID, element_id).click()
+
+    def showing(self, element_id: str, part: str) -> str | None:
+        """The element's text once it contains `part`."""
+        text = self.text(element_id)
+        return text if part in text else None
+
+    def job_socket(self) -> str:
+        """The URL of the chosen job's current WebSocket."""
+        return str(self.driver.execute_script("return state.socket.ws.url"))
+
+    def points(self) -> int:
+        return int(self.driver.execute_script(POINTS))
+
+    def status(self) -> str:
+        return self.text("d-status")
+
+
+def open_dashboard(driver: WebDriver, url: str) -> Page:
+    """The page as a user with a key opens it: `?token=` (it then sends it as a Bearer)."""
+    page = Page(driver, url)
+    driver.get(f"{url}/?token={KEY}")
+    page.wait(lambda: page.text("live") == "live", "the page's live socket")
+    return page
+
+
+def submit(page: Page, name: str, epochs: str) -> None:
+    page.driver.find_element(By.TAG_NAME, "summary").click()
+    page.fill(**{"f-name": name, "f-epochs": epochs, "f-batch": "16", "f-lr": "0.002"})
+    page.fill(**{"f-extra": TINY})
+    page.click("f-submit")
+
+
+def test_a_bad_value_shows_the_field_named_and_changes_nothing(
+    base_url: str, browser: WebDriver
+) -> None:
+    page = open_dashboard(browser, base_url)
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    submit(page, name, "0")
+    result = page.wait(lambda: page.showing("submit-result", "422"), "the api's error")
+    assert "config.epochs" in result and "greater than or equal to 1" in result, result
+    assert "invalid" in str(browser.find_element(By.ID, "f-epochs").get_attribute("class"))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    jobs = httpx.get(f"{base_url}{API}/jobs", headers=auth).json()["jobs"]
+    assert name not in [job["job_name"] for job in jobs]
+
+
+def test_without_a_key_the_page_says_how_to_give_one(base_url: str, browser: WebDriver) -> None:
+    page = Page(browser, base_url)
+    browser.get(base_url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    shown = page.wait(lambda: page.showing("list-error", "401"), "the api's 401")
+    assert "?token=" in shown, shown
+
+
+def test_submit_watch_pause_resume_to_completion(
+    base_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    page = open_dashboard(browser, base_url)
+    browser_errors(browser)  # what earlier tests provoked is theirs
+    name = f"dash-{uuid.uuid4().hex[:6]}"
+    submit(page, name, str(EPOCHS))
+    page.wait(lambda: page.text("d-name") == name, "the new job to be chosen")
+    first = page.wait(page.points, "the first epoch on the chart", timeout=60)
+    page.wait(lambda: page.points() > first, "the chart to grow")
+    progress = page.wait(lambda: page.showing("d-progress", "step "), "step telemetry")
+    assert f"of {EPOCHS}" in progress and "loss" in progress, progress
+
+    page.click("pause")
+    page.wait(lambda: page.status() == "paused", "the job to pause")
+    assert "pause requested" in page.text("d-message")
+    paused_at = page.points()
+    assert paused_at < EPOCHS, "the job finished before it could be paused: raise EPOCHS"
+    page.wait(lambda: page.showing("jobs-body", "paused"), "the job list to show paused")
+
+    page.click("resume")
+    # A dropped socket: the page reconnects by itself with ?after= and misses no epoch.
+    browser.execute_script("state.socket.ws.close()")
+    page.wait(lambda: "after=" in page.job_socket(), "the page to reconnect with ?after=")
+    assert f"token={KEY}" in page.job_socket()
+    page.wait(lambda: page.status() == "completed", "the job to complete", timeout=90)
+    page.wait(lambda: page.points() == EPOCHS, "every epoch on the chart")
+    page.wait(lambda: page.showing("jobs-body", "completed"), "the job list to show completed")
+    screenshot(browser, tmp_path)
+
+    page.click("pause")
+    refused = page.wait(lambda: page.showing("d-message", "could not pause"), "the 409")
+    assert "409" in refused and "completed" in refused, refused
+    assert_only_the_api_was_reached(browser, base_url)
+
+
+def screenshot(driver: WebDriver, tmp_path: Path) -> None:
+    driver.save_screenshot(str(tmp_path / "dashboard.png"))
+    if target := os.environ.get("HEIMDALL_SCREENSHOT"):
+        driver.save_screenshot(target)
+
+
+def assert_only_the_api_was_reached(driver: WebDriver, base_url: str) -> None:
+    loaded = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+    )
+    assert loaded and all(url.startswith(base_url + "/") for url in loaded), loaded
+    assert not browser_errors(driver)
+
+
+def browser_errors(driver: WebDriver) -> list[dict[str, Any]]:
+    """Script errors and CSP refusals since the last call (4xx answers are "network")."""
+    logged: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [e for e in logged if e["level"] == "SEVERE" and e["source"] != "network"]
