@@ -37,5 +37,8 @@ e2e: install
 asyncapi: install  ## regenerate docs/asyncapi.json from the real subscribers
 	$(BIN)/python -m shared.rabbit > docs/asyncapi.json
 
+bench: install  ## every benchmark (about 15 min; needs PostgreSQL and RabbitMQ), then docs/BENCHMARKS.md
+	$(BIN)/python -m bench.run_all --out docs/BENCHMARKS.md
+
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -1,0 +1,156 @@
+"""Figure 2: POST /jobs per second from 50 concurrent clients against a real api process on
+PostgreSQL, vs eventsourcing's own save() of the same aggregate from 50 threads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    API,
+    DATABASE_URL,
+    Process,
+    Result,
+    emit,
+    free_port,
+    fresh_schema,
+    heimdall_env,
+    latency_summary,
+    median,
+    parser,
+    ratio,
+    wait_http,
+    workdir,
+)
+from bench.loadgen import Run, Sample, run_clients
+from shared.config import JobConfig
+
+GOAL = 0.5
+CONFIG: dict[str, Any] = {
+    "epochs": 3,
+    "batch_size": 16,
+    "accelerator": "cpu",
+    "dataset": {"samples": 256, "n_mels": 16, "frames": 16},
+}
+
+
+def http_side(clients: int, total: int, log_dir: Path) -> tuple[Run, float | None]:
+    """An api process alone on its own schema, hammered by `clients` async clients."""
+    with fresh_schema("bench_cmd") as schema:
+        port = free_port()
+        env = heimdall_env(schema, log_dir, api_port=str(port))
+        api = Process.heimdall("api", env, log_dir).start()
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(f"{base}/health")
+            body = {"job_name": "bench", "description": "", "config": CONFIG}
+
+            async def send(client: httpx.AsyncClient, n: int) -> tuple[str, int]:
+                response = await client.post(f"{API}/jobs", json=body)
+                return "submit", response.status_code
+
+            asyncio.run(run_clients(base, clients, send, total=clients))  # warm up
+            run = asyncio.run(run_clients(base, clients, send, total=total))
+        finally:
+            peak = api.stop()
+        bad = [s for s in run.samples if s.status != 201]
+        if bad:
+            raise RuntimeError(f"{len(bad)} submits failed, e.g. {bad[0]}\n{api.log_tail()}")
+        return run, peak
+
+
+def raw_side(threads: int, total: int, log_dir: Path) -> Run:
+    """`TrainingJobs.save()` (eventsourcing's Application.save) of the same aggregate."""
+    from shared.bootstrap import build_app
+    from shared.domainmodel import TrainingJob
+    from shared.settings import Settings
+
+    config = JobConfig.model_validate(CONFIG).model_dump(mode="json")
+    with fresh_schema("bench_raw") as schema:
+        app = build_app(Settings(database_url=DATABASE_URL, database_schema=schema))
+        lock, latencies = threading.Lock(), []
+
+        def save_one() -> None:
+            job = TrainingJob(
+                id=uuid.uuid4(), job_name="bench", description="", config=config, actor="bench"
+            )
+            begun = time.perf_counter()
+            app.save(job)
+            with lock:
+                latencies.append(time.perf_counter() - begun)
+
+        def drive(pool: ThreadPoolExecutor, n: int) -> float:
+            counter = itertools.count()
+
+            def worker(_: int) -> None:
+                while next(counter) < n:
+                    save_one()
+
+            started = time.perf_counter()
+            list(pool.map(worker, range(threads)))
+            return time.perf_counter() - started
+
+        with ThreadPoolExecutor(threads) as pool:
+            drive(pool, threads)  # warm up
+            latencies.clear()
+            seconds = drive(pool, total)
+        app.close()
+    return Run([Sample("save", 201, s) for s in latencies], seconds)
+
+
+def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
+    http_runs: list[Run] = []
+    raw_runs: list[Run] = []
+    peaks: list[float] = []
+    with workdir() as log_dir:
+        for r in range(rounds):
+            for side in ("http", "raw") if r % 2 == 0 else ("raw", "http"):
+                if side == "http":
+                    run, peak = http_side(clients, total, log_dir)
+                    http_runs.append(run)
+                    peaks += [peak] if peak is not None else []
+                else:
+                    raw_runs.append(raw_side(clients, total, log_dir))
+                print(f"{side}: {(http_runs if side == 'http' else raw_runs)[-1].rate:.0f}/s")
+    system, bare = _side(http_runs), _side(raw_runs)
+    emit(
+        {
+            "figure": "commands",
+            "clients": clients,
+            "requests_per_round": total,
+            "rounds": rounds,
+            "system": system | {"api_peak_rss_mb": max(peaks, default=None)},
+            "bare": bare,
+            "ratio_best": ratio(system["best_per_s"], bare["best_per_s"]),
+            "ratio_median": ratio(system["median_per_s"], bare["median_per_s"]),
+            "goal": GOAL,
+        },
+        out,
+    )
+
+
+def _side(runs: list[Run]) -> Result:
+    rates = [r.rate for r in runs]
+    pooled = [s.seconds for r in runs for s in r.samples]
+    figures = {"best_per_s": max(rates), "median_per_s": median(rates), "all_per_s": rates}
+    return figures | latency_summary(pooled)
+
+
+if __name__ == "__main__":
+    p = parser(__doc__ or "")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--requests", type=int, default=3000, help="per round and side")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    total = 300 if args.quick else args.requests
+    main(args.clients, total, 1 if args.quick else args.rounds, args.json)
+    sys.exit(0)

@@ -1,0 +1,195 @@
+"""What every benchmark shares: where PostgreSQL and RabbitMQ are, processes, figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+API = "/api/v1/training"
+Result = dict[str, Any]
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """Every bench takes `--json PATH` for its figures and `--quick` for a short run."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", type=Path, help="write the figures here as JSON")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    return p
+
+
+def emit(result: Result, path: Path | None) -> None:
+    """Print the figures and, when asked, write them as JSON."""
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50, p99 and max in milliseconds."""
+    if not seconds:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    ordered = sorted(seconds)
+    return {
+        "p50_ms": 1000 * percentile(ordered, 50),
+        "p99_ms": 1000 * percentile(ordered, 99),
+        "max_ms": 1000 * ordered[-1],
+    }
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile of already sorted values."""
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def raise_open_files(wanted: int = 8192) -> int:
+    """Lift the soft open-file limit (children inherit it); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """A running process's peak resident memory (VmHWM), None where /proc cannot tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def fresh_schema(prefix: str = "bench") -> Iterator[str]:
+    """A new PostgreSQL schema of its own, dropped afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def heimdall_env(schema: str, data_dir: Path, broker: bool = False, **extra: str) -> dict[str, str]:
+    """The environment that points a `heimdall` service at this schema (and broker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEIMDALL_")}
+    env |= {
+        "HEIMDALL_DATABASE_URL": DATABASE_URL,
+        "HEIMDALL_DATABASE_SCHEMA": schema,
+        "HEIMDALL_DATA_DIR": str(data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if broker:
+        tag = schema.replace("_", ".")
+        env |= {
+            "HEIMDALL_BROKER_URL": BROKER_URL,
+            "HEIMDALL_EXCHANGE": f"{tag}.exchange",
+            "HEIMDALL_WORK_QUEUE": f"{tag}.work",
+        }
+    env |= {f"HEIMDALL_{k.upper()}": v for k, v in extra.items()}
+    return env
+
+
+class Process:
+    """A service as a child process, its output in a log file; reports its peak memory."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name, self.argv, self.env = name, argv, env
+        self.log_path = log_dir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.peak_mb: float | None = None
+
+    @classmethod
+    def heimdall(cls, command: str, env: dict[str, str], log_dir: Path) -> Process:
+        return cls(command, [sys.executable, "-m", "heimdall_cli.main", command], env, log_dir)
+
+    def start(self) -> Process:
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log)
+        return self
+
+    def stop(self) -> float | None:
+        """Terminate it; returns its peak resident memory in MiB, read just before."""
+        if self.popen is None:
+            return None
+        self.peak_mb = peak_rss_mb(self.popen.pid)
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        return self.peak_mb
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    """Until `url` answers 200; a clear error naming it otherwise."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+            last = "not 200 yet"
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s ({last})")
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    """A scratch folder for data and logs, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="heimdall-bench-") as folder:
+        yield Path(folder)
+
+
+def ratio(system: float, bare: float) -> float:
+    return system / bare if bare else float("nan")

@@ -1,0 +1,371 @@
+"""Renders docs/BENCHMARKS.md from the figures `bench.run_all` collected."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bench.notes import FINDINGS, METHOD
+
+Figures = dict[str, Any]
+
+
+def render(report: Figures) -> str:
+    b = report["benches"]
+    quick = " --quick" if report["quick"] else ""
+    parts = [
+        "# Benchmarks\n",
+        f"Written by `make bench` (`python -m bench.run_all{quick}`) on {report['started']},"
+        f" in {report['minutes']} minutes. Every figure is the system against a bare baseline"
+        " doing the same work, **measured side by side in the same run**: the ratio is the"
+        " point; absolute numbers depend on the machine and on what else ran on it.\n",
+        _machine(report),
+        "## Summary\n",
+        _summary(b),
+        METHOD,
+    ]
+    for name, section in SECTIONS.items():
+        if name in b:
+            parts.append(_failed(name, b[name]) if "error" in b[name] else section(b[name]))
+    parts += [_memory(b), FINDINGS]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _machine(report: Figures) -> str:
+    m = report["machine"]
+    rows = [
+        ["CPU", f"{m['cpu']}, {m['cores']} cores"],
+        ["RAM", f"{m['ram_gib']} GiB"],
+        ["OS", m["os"]],
+        *([name, version] for name, version in report["versions"].items()),
+    ]
+    return "## Machine and versions\n\n" + table(["", ""], rows)
+
+
+def _failed(name: str, f: Figures) -> str:
+    return f"## {name}\n\n**Failed** after {f['seconds']} s:\n\n```\n{f['error']}\n```\n"
+
+
+def _summary(b: Figures) -> str:
+    rows = []
+    for name, row in SUMMARY.items():
+        if name not in b:
+            continue
+        f = b[name]
+        if "error" in f:
+            rows.append([name, "", "", "", "", "**failed** (see below)"])
+        else:
+            rows += row(f)
+    loads = ", ".join(f"{n} {f['load_before']} → {f['load_after']}" for n, f in b.items())
+    return (
+        table(["figure", "system", "bare", "ratio (best / median)", "goal", ""], rows)
+        + f"\nLoad average (1 min) before → after each bench: {loads}. The machine has 2"
+        " cores and is shared with other engineers' test runs.\n"
+    )
+
+
+def _ratios(f: Figures, digits: int = 2) -> str:
+    return f"{num(f['ratio_best'], digits)} / {num(f['ratio_median'], digits)}"
+
+
+def _sum_trainer(f: Figures) -> list[list[str]]:
+    s, b = num(f["system"]["best"], 1), num(f["bare"]["best"], 1)
+    return [["1 trainer samples/s (CPU)", s, b, _ratios(f, 3), "≥ 0.98", met(_ok_trainer(f))]]
+
+
+def _ok_trainer(f: Figures) -> bool:
+    return bool(f["ratio_best"] >= 0.98)
+
+
+def _sum_commands(f: Figures) -> list[list[str]]:
+    s, b = num(f["system"]["best_per_s"]), num(f["bare"]["best_per_s"])
+    ok = f["ratio_best"] >= 0.5
+    return [["2 POST /jobs per s, 50 clients", s, b, _ratios(f), "≥ 0.5", met(ok)]]
+
+
+def _ok_query(q: Figures) -> bool:
+    return bool(q["ratio_best"] >= 0.7 and q["p99_ratio"] <= 1.5)
+
+
+def _sum_queries(f: Figures) -> list[list[str]]:
+    rows = []
+    for key, label in QUERY_LABELS.items():
+        q = f[key]
+        s, b = num(q["system"]["best_per_s"]), num(q["bare"]["best_per_s"])
+        goal = f"≥ 0.7; p99 ≤ 1.5x (is {num(q['p99_ratio'], 2)}x)"
+        rows.append([f"3 {label} per s", s, b, _ratios(q), goal, met(_ok_query(q))])
+    return rows
+
+
+def _ok_live(f: Figures) -> bool:
+    return bool(f["p99_ratio"] <= 1.0 and not f["system"]["missing"])
+
+
+def _sum_live(f: Figures) -> list[list[str]]:
+    s, b = num(f["system"]["p99_ms"]), num(f["bare"]["p99_ms"])
+    label = f"4 live p99 ms, {f['clients']:,} WebSockets"
+    return [[label, s, b, f"{num(f['p99_ratio'], 2)} (p99)", "≤ 1.0", met(_ok_live(f))]]
+
+
+def _sum_replay(f: Figures) -> list[list[str]]:
+    s, b = num(f["rebuild_per_s"]["best"]), num(f["raw_per_s"]["best"])
+    ok = f["ratio_best"] >= 0.5
+    return [["5 replay events/s", s, b, _ratios(f, 3), "≥ 0.5", met(ok)]]
+
+
+def _ok_load(f: Figures) -> bool:
+    return bool(f["unexpected_errors"] == 0 and f["every_accepted_submit_listed"])
+
+
+def _sum_load(f: Figures) -> list[list[str]]:
+    label = f"7 load test, {f['clients']} clients, {num(f['duration_s'])} s"
+    result = f"{f['requests']:,} requests, {f['unexpected_errors']} errors"
+    return [[label, result, "", "", "0 errors, nothing lost", met(_ok_load(f))]]
+
+
+def _sum_gpu(f: Figures) -> list[list[str]]:
+    s, b = num(f["system"]["samples_per_second"], 1), num(f["bare"]["samples_per_second"], 1)
+    on_gpu = f["device"] != "cpu"
+    verdict = met(f["ratio"] >= 0.95) if on_gpu else "not run on a GPU yet (CPU smoke run)"
+    return [[f"8 GPU ({f['model']} on {f['device']})", s, b, num(f["ratio"], 2), "≥ 0.95", verdict]]
+
+
+def _latencies(rows: list[tuple[str, Figures]]) -> str:
+    head = ["", "per s (best)", "per s (median)", "p50 ms", "p99 ms", "max ms"]
+    body = [
+        [label, num(s["best_per_s"]), num(s["median_per_s"])]
+        + [num(s[k], 1) for k in ("p50_ms", "p99_ms", "max_ms")]
+        for label, s in rows
+    ]
+    return table(head, body)
+
+
+def _trainer(f: Figures) -> str:
+    c = f["config"]
+    shape = "x".join(str(d) for d in c["input"])
+    rows = [
+        [
+            side,
+            num(f[side]["best"], 1),
+            num(f[side]["median"], 1),
+            ", ".join(num(x, 1) for x in f[side]["all"]),
+            num(f[side]["peak_rss_mb"]),
+        ]
+        for side in ("system", "bare")
+    ]
+    return (
+        "## 1. Trainer: samples/s through the whole system vs a bare PyTorch loop\n\n"
+        f"{c['model']}, batch {c['batch_size']}, {c['epochs']} epochs, {c['samples']:,}"
+        f" training samples of {shape}, CPU, fp32; {f['rounds']} runs a side, alternating, each"
+        " in a fresh process. Samples/s = samples trained / wall time of the whole job. System:"
+        " submitted to a PostgreSQL store, projected, claimed and run by the trainer service"
+        " (`Trainer.run_next`: `run_training` with the real `StoreHooks`, a control check"
+        " after every step, epoch events, a checkpoint per epoch, the lease). Bare: the same"
+        " data generation, model, optimizer, batches and per-epoch validation in a plain loop"
+        " (`bench/bare_loop.py`) that saves only its final weights.\n\n"
+        + table(["", "best", "median", "runs", "peak RSS MiB"], rows)
+        + f"\nRatio {_ratios(f, 3)} (best / median); goal ≥ 0.98: {met(_ok_trainer(f))}."
+        f" The system's job recorded {f['system']['events']} events.\n"
+    )
+
+
+def _commands(f: Figures) -> str:
+    n = f["clients"]
+    return (
+        "## 2. Commands: POST /jobs vs eventsourcing's save()\n\n"
+        f"{n} concurrent async clients (httpx) POST `/api/v1/training/jobs` to one api process"
+        " on PostgreSQL (a schema of its own); the baseline saves the same `TrainingJob`"
+        f" aggregate with eventsourcing's `Application.save()` from {n} threads on the same"
+        f" database. {f['requests_per_round']:,} requests a round and side, {f['rounds']}"
+        " rounds, alternating.\n\n"
+        + _latencies([("api over HTTP", f["system"]), ("save() from threads", f["bare"])])
+        + f"\nRatio {_ratios(f)} (best / median); goal ≥ 0.5: {met(f['ratio_best'] >= 0.5)}.\n"
+    )
+
+
+def _queries(f: Figures) -> str:
+    s = f["setup"]
+    out = (
+        "## 3. Queries: the api vs a bare FastAPI route running the same SQL\n\n"
+        f"{f['jobs']:,} jobs and one job of {f['epochs']:,} epochs, stored as real events"
+        f" ({s['events']:,} events, saved in {num(s['save_seconds'], 1)} s) and projected by"
+        f" the projection ({num(s['project_seconds'], 1)} s). {f['clients']} concurrent"
+        f" clients, {f['rounds']} rounds, alternating. The bare route (`bench/bare_api.py`)"
+        " runs the api's SQL through a psycopg pool and returns the rows as they come.\n\n"
+    )
+    for key, label in QUERY_LABELS.items():
+        q = f[key]
+        out += (
+            f"**{label}**, {f['requests_per_round'][key]:,} requests a round and side\n\n"
+            + _latencies([("api", q["system"]), ("bare", q["bare"])])
+            + f"\nThroughput ratio {_ratios(q)} (best / median), p99 ratio"
+            f" {num(q['p99_ratio'], 2)}; goal ≥ 0.7 and p99 ≤ 1.5x: {met(_ok_query(q))}.\n\n"
+        )
+    return out
+
+
+def _live(f: Figures) -> str:
+    rows = [
+        [side]
+        + [num(f[side][k], 1) for k in ("p50_ms", "p99_ms", "max_ms")]
+        + [f"{f[side]['messages']:,}", str(f[side]["missing"])]
+        for side in ("system", "bare")
+    ]
+    return (
+        "## 4. Live: append → WebSocket clients vs a bare broadcast\n\n"
+        f"{f['clients']:,} WebSocket clients (one asyncio process on the same cores) watch one"
+        f" job; {f['events']} events, one at a time. System: `EpochCompleted` saved to the"
+        " store → projector (LISTEN/NOTIFY, read tables, publish with confirms) → RabbitMQ →"
+        " the api's hub → every socket; latency from just before `save()` to each client's"
+        " receipt. Bare: a FastAPI route that sends one message to as many sockets; latency"
+        " from just before the POST that triggers it.\n\n"
+        + table(["", "p50 ms", "p99 ms", "max ms", "messages", "missing"], rows)
+        + f"\np99 ratio {num(f['p99_ratio'], 2)}, p50 ratio {num(f['p50_ratio'], 2)};"
+        f" goal p99 ≤ bare: {met(_ok_live(f))}. (Issue 6's reference for the bare broadcast:"
+        " p50 about 32 ms, p99 130-175 ms.)\n"
+    )
+
+
+def _replay(f: Figures) -> str:
+    rows = [
+        [label, num(f[key]["best"]), num(f[key]["median"])]
+        for label, key in (
+            ("rebuild", "rebuild_per_s"),
+            ("raw read", "raw_per_s"),
+            ("read + decode", "decoded_per_s"),
+        )
+    ]
+    return (
+        "## 5. Replay: rebuilding the read tables vs reading the notifications raw\n\n"
+        f"{f['events']:,} events ({f['jobs']:,} jobs, one of {f['epochs']:,} epochs),"
+        f" {f['rounds']} rounds. Rebuild: `services.projector.replay.rebuild` into fresh"
+        " tables (what `heimdall replay` does). Raw: `select_notifications` over the same"
+        " range in the same pages, nothing else. Read + decode: raw, plus turning each"
+        " notification into its domain event.\n\n"
+        + table(["", "events/s (best)", "median"], rows)
+        + f"\nRatio {_ratios(f, 3)} (best / median) against the raw read,"
+        f" {num(f['ratio_vs_decoded'], 2)} against read + decode; goal ≥ 0.5:"
+        f" {met(f['ratio_best'] >= 0.5)}.\n"
+    )
+
+
+def _load(f: Figures) -> str:
+    mix = ", ".join(f"{k} {v}%" for k, v in f["mix"].items())
+    unexpected = f" {f['unexpected']}" if f["unexpected"] else ""
+    listed = "yes" if f["every_accepted_submit_listed"] else "**no**"
+    rows = [
+        [kind, f"{k['requests']:,}", ", ".join(f"{s}: {n}" for s, n in k["statuses"].items())]
+        + [num(k[x]) for x in ("p50_ms", "p99_ms", "max_ms")]
+        for kind, k in f["by_kind"].items()
+    ]
+    return (
+        "## 7. Load test (issue 5)\n\n"
+        f"{f['clients']} concurrent async clients for {num(f['duration_s'])} s on loopback"
+        " against one api process and one projector (PostgreSQL, RabbitMQ), no trainer; 200"
+        f" jobs submitted first. Mix: {mix}. Commands pick any submitted job, so racing"
+        " pause/resume/cancel get 409 (expected, counted apart); every other non-success is"
+        " an error.\n\n"
+        f"{f['requests']:,} requests in {num(f['seconds'], 1)} s ({num(f['per_s'])}/s),"
+        f" p50 {num(f['p50_ms'])} ms, p99 {num(f['p99_ms'])} ms;"
+        f" **{f['unexpected_errors']} unexpected errors**{unexpected},"
+        f" {f['conflicts_409']} expected 409s. Accepted submits: {f['accepted_submits']:,};"
+        f" all listed afterwards: {listed}.\n\n"
+        + table(["kind", "requests", "statuses", "p50 ms", "p99 ms", "max ms"], rows)
+    )
+
+
+def _gpu(f: Figures) -> str:
+    out = (
+        "## 8. GPU: `bench/gpu.sh`\n\n"
+        "`bench/gpu.sh` trains convnext_large in bf16 on the synthetic dataset through the"
+        " trainer's own loop (`run_training`) and through a bare loop, and prints samples/s"
+        " over the training steps (after 5 warm-up steps), their ratio (goal ≥ 0.95), the peak"
+        " GPU memory and the share of step time spent getting batches onto the device. It is"
+        " bounded to 5 minutes and needs nothing from the network.\n\n"
+    )
+    if f["device"] == "cpu":
+        out += (
+            "**It has not run on a GPU yet**: no GPU was available to this run. What ran is"
+            f" its CPU smoke mode (`bench/gpu.sh --cpu`: {f['model']}, batch"
+            f" {f['batch_size']}), which checks the script end to end; these figures say"
+            " nothing about a GPU.\n\n"
+        )
+    rows = [
+        [
+            label,
+            num(x["samples_per_second"], 1),
+            num(x["wall_samples_per_second"], 1),
+            num(x["step_ms_median"], 1),
+            f"{num(100 * (x['data_share'] or 0), 1)}%",
+            num(x.get("peak_gpu_memory_gib"), 1),
+        ]
+        for label, x in (("trainer loop", f["system"]), ("bare loop", f["bare"]))
+    ]
+    head = ["", "samples/s (steps)", "samples/s (wall)", "step ms", "data share", "GPU GiB"]
+    return out + table(head, rows) + f"\nRatio {num(f['ratio'], 2)}.\n"
+
+
+MEMORY: tuple[tuple[str, str, str | None, str], ...] = (
+    ("trainer", "trainer service, whole job", "system", "peak_rss_mb"),
+    ("trainer", "bare training loop", "bare", "peak_rss_mb"),
+    ("commands", "api, commands run", "system", "api_peak_rss_mb"),
+    ("queries", "api, queries run", None, "api_peak_rss_mb"),
+    ("queries", "bare FastAPI, queries run", None, "bare_peak_rss_mb"),
+    ("live", "api with the WebSockets, live run", "system", "api_peak_rss_mb"),
+    ("live", "projector, live run", "system", "projector_peak_rss_mb"),
+    ("live", "bare FastAPI with the WebSockets", "bare", "bare_peak_rss_mb"),
+    ("load", "api, load test", None, "api_peak_rss_mb"),
+    ("load", "projector, load test", None, "projector_peak_rss_mb"),
+    ("replay", "replay (bench process)", None, "peak_rss_mb"),
+)
+
+
+def _memory(b: Figures) -> str:
+    rows = []
+    for bench, label, side, key in MEMORY:
+        f = b.get(bench)
+        if f and "error" not in f:
+            rows.append([label, num((f[side] if side else f).get(key))])
+    return (
+        "## 6. Memory: peak resident memory\n\nEach process's `VmHWM`, read just before it"
+        " stopped; the trainer and the bare loop each ran in a process of its own.\n\n"
+        + table(["process", "peak RSS MiB"], rows)
+    )
+
+
+QUERY_LABELS = {"list_jobs": "GET /jobs?limit=50", "job_metrics": "GET /jobs/{id}/metrics"}
+SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
+    "trainer": _sum_trainer,
+    "commands": _sum_commands,
+    "queries": _sum_queries,
+    "live": _sum_live,
+    "replay": _sum_replay,
+    "load": _sum_load,
+    "gpu": _sum_gpu,
+}
+SECTIONS: dict[str, Callable[[Figures], str]] = {
+    "trainer": _trainer,
+    "commands": _commands,
+    "queries": _queries,
+    "live": _live,
+    "replay": _replay,
+    "load": _load,
+    "gpu": _gpu,
+}

@@ -1,0 +1,170 @@
+"""Figure 1: samples/s of a job trained through the trainer service vs a bare PyTorch loop.
+
+The system side is the real path: a job submitted to a PostgreSQL store, projected,
+claimed by `services.trainer.worker.Trainer` and run by `run_training` with the real
+`StoreHooks` (a control check after every step, epoch events, checkpoints, the lease).
+The bare side trains the same model on the same data, batch size and seed in a plain
+loop. Each run is its own process (so peak memory is its own); runs alternate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.bare_loop import train_bare
+from bench.common import (
+    DATABASE_URL,
+    Result,
+    emit,
+    fresh_schema,
+    median,
+    own_peak_rss_mb,
+    parser,
+    ratio,
+    workdir,
+)
+from shared.config import JobConfig
+
+GOAL = 0.98
+
+
+def job_config(quick: bool) -> JobConfig:
+    samples = 320 if quick else 1280
+    return JobConfig.model_validate(
+        {
+            "epochs": 2 if quick else 4,
+            "batch_size": 32,
+            "accelerator": "cpu",
+            "model_architecture": "convnext_atto",
+            "validation_split": 0.2,
+            "dataset": {"kind": "synthetic", "samples": samples, "n_mels": 64, "frames": 32},
+        }
+    )
+
+
+def trained_samples(config: JobConfig) -> int:
+    from services.trainer.worker import dataset_sizes
+
+    train, _ = dataset_sizes(config)
+    return config.epochs * (train // min(config.batch_size, train)) * config.batch_size
+
+
+def run_system(config: JobConfig) -> Result:
+    """Submit, project, claim and train through the trainer service; time the whole job."""
+    from services.projector.runner import Projector
+    from services.trainer.worker import build_trainer
+    from shared.bootstrap import build_app, build_read_store
+    from shared.bus import InProcessBus
+    from shared.settings import Settings
+
+    with fresh_schema("bench_trainer") as schema, workdir() as tmp:
+        settings = Settings(database_url=DATABASE_URL, database_schema=schema, data_dir=tmp)
+        jobs, reads, bus = build_app(settings), build_read_store(settings), InProcessBus()
+        trainer = build_trainer(settings, jobs, reads, bus)
+        job = jobs.submit("bench", "", config.model_dump(mode="json"), "bench")
+
+        async def main() -> float:
+            await Projector(jobs, reads, bus).catch_up()
+            started = time.perf_counter()
+            if not await trainer.run_next():
+                raise RuntimeError("the trainer found no runnable job")
+            return time.perf_counter() - started
+
+        seconds = asyncio.run(main())
+        status = jobs.get_job(job.id).status
+        events = len(jobs.history(job.id))
+        reads.close()
+    if status != "completed":
+        raise RuntimeError(f"bench job ended {status}, not completed")
+    return {"seconds": seconds, "events": events}
+
+
+def run_bare(config: JobConfig) -> Result:
+    """The same model, data, batch size and seed in a plain PyTorch loop."""
+    with workdir() as tmp:
+        return {"seconds": train_bare(config, tmp, torch.device("cpu"))}
+
+
+def child(mode: str, quick: bool) -> None:
+    config = job_config(quick)
+    result = run_system(config) if mode == "system" else run_bare(config)
+    samples = trained_samples(config)
+    result |= {
+        "mode": mode,
+        "samples": samples,
+        "samples_per_second": samples / result["seconds"],
+        "peak_rss_mb": own_peak_rss_mb(),
+    }
+    print(json.dumps(result))
+
+
+def run_child(mode: str, quick: bool) -> Result:
+    argv = [sys.executable, "-m", "bench.trainer", "--child", mode]
+    done = subprocess.run(
+        argv + (["--quick"] if quick else []), capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"trainer bench ({mode}) failed:\n{done.stderr[-3000:]}")
+    parsed: Result = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def main(rounds: int, quick: bool, out: Path | None) -> None:
+    """Alternate bare and system runs (ABBA...) so drift in the machine's load hits both."""
+    runs: dict[str, list[Result]] = {"bare": [], "system": []}
+    for r in range(rounds):
+        order = ("bare", "system") if r % 2 == 0 else ("system", "bare")
+        for mode in order:
+            runs[mode].append(run_child(mode, quick))
+            print(f"{mode}: {runs[mode][-1]['samples_per_second']:.1f} samples/s", flush=True)
+    figures = {m: _figures(rs) for m, rs in runs.items()}
+    config = job_config(quick)
+    emit(
+        {
+            "figure": "trainer",
+            "config": {
+                "model": config.model_architecture,
+                "batch_size": config.batch_size,
+                "epochs": config.epochs,
+                "samples": trained_samples(config),
+                "input": [7, 64, 32],
+            },
+            "rounds": rounds,
+            "system": figures["system"],
+            "bare": figures["bare"],
+            "ratio_best": ratio(figures["system"]["best"], figures["bare"]["best"]),
+            "ratio_median": ratio(figures["system"]["median"], figures["bare"]["median"]),
+            "goal": GOAL,
+        },
+        out,
+    )
+
+
+def _figures(runs: list[Result]) -> dict[str, Any]:
+    speeds = [r["samples_per_second"] for r in runs]
+    return {
+        "best": max(speeds),
+        "median": median(speeds),
+        "all": speeds,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "events": runs[0].get("events"),
+    }
+
+
+if __name__ == "__main__":
+    p = parser(__doc__ or "")
+    p.add_argument("--rounds", type=int, default=2, help="bare/system pairs to run")
+    p.add_argument("--child", choices=("system", "bare"), help="one side, in this process")
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.quick)
+    else:
+        main(args.rounds, args.quick, args.json)
