@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from services.api.app import Background, create_app
 from services.api.auth import check_exposure
+from services.api.availability import DatabaseWatch
 from services.api.deps import ApiContext
 from services.projector.runner import Projector
 from shared.bootstrap import build_app, build_bus, build_read_store
@@ -24,6 +25,9 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
     jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
     context = ApiContext(settings=settings, jobs=jobs, reads=reads, bus=bus)
     background: list[Background] = []
+    if settings.database_url:
+        context.watch = DatabaseWatch(settings.database_url)
+        background.append(context.watch.run_forever)
     if with_projector:
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
         context.after_command = projector.wake

@@ -6,6 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+from eventsourcing.postgres import PostgresDatastore
+from psycopg_pool.base import AttemptWithBackoff
 
 from shared.application import TrainingJobs
 from shared.bus import Bus, InProcessBus
@@ -14,25 +18,61 @@ from shared.readmodel.sqlite import SQLiteReadStore
 from shared.readmodel.store import ReadStore
 from shared.settings import Settings
 from shared.store import store_env
+from shared.waiting import until_reachable
 
 # Services start together and all create what is missing: one at a time, or
 # PostgreSQL's CREATE ... IF NOT EXISTS races end in a unique violation.
 _DDL_LOCK_KEY = 0x4865696D
 
+# psycopg_pool retries a lost database with doubling delays (1 s, 2 s, 4 s ... for up to
+# five minutes), so after an outage the pools could stay empty long after PostgreSQL is
+# back. One cheap connect attempt per slot every half second brings them back at once.
+AttemptWithBackoff.INITIAL_DELAY = 0.5
+AttemptWithBackoff.DELAY_BACKOFF = 1.0
+
+
+# How long a request waits for a pooled connection: an outage must be a 503 within a
+# second, and with a few milliseconds per query a healthy pool never makes one wait this long.
+POOL_WAIT_SECONDS = 0.75
+# What "the database is not reachable yet" looks like, as opposed to a configuration error.
+UNREACHABLE = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
+
 
 def build_app(settings: Settings) -> TrainingJobs:
+    """The event store application; waits for PostgreSQL if it is not up yet."""
+    if not settings.database_url:
+        return _open_store(settings)
+    app = until_reachable("opening the event store", lambda: _open_store(settings), UNREACHABLE)
+    datastore = getattr(app.recorder, "datastore", None)
+    if isinstance(datastore, PostgresDatastore):
+        datastore.pool.timeout = POOL_WAIT_SECONDS
+    return app
+
+
+def _open_store(settings: Settings) -> TrainingJobs:
     with schema_ready(settings):
         return TrainingJobs(env=store_env(settings))
 
 
 def build_read_store(settings: Settings) -> ReadStore:
+    """The read tables; waits for PostgreSQL if it is not up yet."""
+    if not settings.database_url:
+        return _open_reads(settings)
+    return until_reachable("opening the read tables", lambda: _open_reads(settings), UNREACHABLE)
+
+
+def _open_reads(settings: Settings) -> ReadStore:
     store: ReadStore
     with schema_ready(settings):
         if settings.database_url:
             store = PostgresReadStore(settings.database_url, settings.database_schema)
         else:
             store = SQLiteReadStore(settings.data_dir / "read.sqlite")
-        store.create_tables()
+        try:
+            store.create_tables()
+        except Exception:
+            store.close()
+            raise
     return store
 
 

@@ -62,6 +62,7 @@ class TrainingJob(Aggregate):
         self.workers_lost = 0
         self.resume_pending = False
         self.current_epoch = 0
+        self.attempt_epoch = 0  # the last epoch recorded by the current attempt
         self.total_epochs = int(config.get("epochs", 0))
         self.last_metrics: Metrics = {}
         self.best_epoch: int | None = None
@@ -124,7 +125,10 @@ class TrainingJob(Aggregate):
             )
 
     def complete_epoch(self, worker: str, attempt: int, metrics: Metrics, is_best: bool) -> None:
+        """Idempotent within an attempt: a write retried after an outage records nothing new."""
         self.check_claim(worker, attempt)
+        if int(metrics["epoch"]) <= self.attempt_epoch:
+            return
         self._epoch_completed(
             epoch=int(metrics["epoch"]),
             total_epochs=self.total_epochs,
@@ -135,6 +139,8 @@ class TrainingJob(Aggregate):
 
     def save_checkpoint(self, worker: str, attempt: int, epoch: int, uri: str, sha256: str) -> None:
         self.check_claim(worker, attempt)
+        if (epoch, uri) == (self.checkpoint_epoch, self.checkpoint_path):
+            return
         self._checkpoint_saved(epoch=epoch, uri=uri, sha256=sha256, actor=worker)
 
     def pause(self, worker: str, attempt: int, epoch: int, checkpoint_uri: str) -> None:
@@ -214,6 +220,7 @@ class TrainingJob(Aggregate):
     ) -> None:
         self.status, self.worker, self.attempt = RUNNING, worker, attempt
         self.started_at = self.started_at or self.modified_on
+        self.attempt_epoch = resumed_from_epoch
         self.resume_pending = False
 
     @event("Resumed", topic=TOPIC + "Resumed")
@@ -222,12 +229,14 @@ class TrainingJob(Aggregate):
     ) -> None:
         self.status, self.worker, self.attempt = RUNNING, worker, attempt
         self.resume_pending = False
+        self.attempt_epoch = epoch
 
     @event("EpochCompleted", topic=TOPIC + "EpochCompleted")
     def _epoch_completed(
         self, epoch: int, total_epochs: int, metrics: Metrics, is_best: bool, actor: str
     ) -> None:
         self.current_epoch, self.last_metrics = epoch, metrics
+        self.attempt_epoch = epoch
         if is_best:
             self.best_epoch, self.best_val_loss = epoch, metrics.get("val_loss")
 

@@ -33,12 +33,15 @@ from shared.bus import (
     Envelope,
     Handler,
 )
+from shared.waiting import retrying_until
 
 log = logging.getLogger(__name__)
 BUS_VERSION = "1.0.0"
 DOCS_URL = "amqp://guest:guest@rabbitmq:5672/"
 HEALTH_SECONDS = 1.0
 PING_SECONDS = 0.2
+# How long `start` waits for the first connection before leaving it to the background.
+START_WAIT_SECONDS = 5.0
 DEAD_LETTER_MAX = 100_000
 Consumer = Callable[..., Awaitable[None]]
 _PUBLISHED = {TELEMETRY_KEY: "Live step telemetry between epochs; never in the store."}
@@ -114,6 +117,8 @@ class RabbitBus(Bus):
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
         self._private_id = private_id
         self._started = False
+        self._stopping = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None
         self._telemetry_channel = Channel(publisher_confirms=False)
         keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY)
         self._publishers = {key: self._publisher(key) for key in keys}
@@ -154,6 +159,26 @@ class RabbitBus(Bus):
         )(_fanout_consumer(handler))
 
     async def start(self) -> None:
+        """Connect now if RabbitMQ answers; if not, keep trying in the background with
+        backoff, so a service started before the broker runs meanwhile: `publish` raises
+        and `healthy()` says False until the connection is made."""
+        self._stopping = asyncio.Event()
+        self._connecting = asyncio.create_task(self._connect_until_done())
+        await asyncio.wait({self._connecting}, timeout=START_WAIT_SECONDS)
+
+    async def _connect_until_done(self) -> None:
+        try:
+            async for attempt in retrying_until(self._stopping, "connecting to RabbitMQ"):
+                with attempt:
+                    try:
+                        await self._connect()
+                    except Exception:
+                        await self._broker.stop()  # a clean slate: no half-made connection
+                        raise
+        except Exception as error:
+            log.info("gave up connecting to RabbitMQ: %r", error)
+
+    async def _connect(self) -> None:
         """Connect, declare every queue with all its bindings, then start consuming."""
         await self._broker.connect()
         exchange = await self._broker.declare_exchange(self._exchange)
@@ -167,6 +192,9 @@ class RabbitBus(Bus):
 
     async def stop(self) -> None:
         self._started = False
+        if self._connecting is not None:
+            self._stopping.set()
+            await self._connecting
         await self._broker.stop()
 
     async def publish(self, envelope: Envelope) -> None:
@@ -197,6 +225,8 @@ class RabbitBus(Bus):
         await asyncio.wait_for(publishing, self._publish_seconds)
 
     async def healthy(self) -> bool:
+        if not self._started:
+            return False
         try:
             return await asyncio.wait_for(self._usable(), HEALTH_SECONDS)
         except Exception:

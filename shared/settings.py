@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     ws_queue: int = Field(1000, ge=1, description="messages a WebSocket client may lag behind")
     poll_seconds: float = Field(0.2, gt=0)
     lease_seconds: float = Field(60.0, gt=0)
+    stall_seconds: float = Field(
+        900.0, gt=0, description="a training thread silent this long is treated as hung"
+    )
     worker_name: str = Field(default_factory=_default_worker)
     # Security and observability (README: Security and Observability).
     api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(

@@ -10,6 +10,7 @@ from uuid import UUID
 from fastapi import Depends, Request
 
 from services.api.auth import OperatorDep
+from services.api.availability import DatabaseWatch
 from shared.application import JobNotFoundError, TrainingJobs
 from shared.bus import Bus
 from shared.readmodel.store import ReadStore
@@ -25,12 +26,20 @@ class ApiContext:
     reads: ReadStore
     bus: Bus
     after_command: Callable[[], None] = field(default=lambda: None)
+    watch: DatabaseWatch | None = None  # PostgreSQL only: SQLite is a local file
 
 
 def get_context(request: Request) -> ApiContext:
     context = request.app.state.context
     assert isinstance(context, ApiContext)
     return context
+
+
+async def require_database(request: Request) -> None:
+    """During a PostgreSQL outage, a 503 at once rather than a wait on the pool."""
+    watch = get_context(request).watch
+    if watch is not None:
+        watch.require()
 
 
 def get_actor(client: OperatorDep) -> str:

@@ -109,6 +109,9 @@ async def _idempotency_conflict(request: Request, exc: Exception) -> JSONRespons
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("store unavailable on %s %s: %r", request.method, request.url.path, exc)
+    watch = getattr(request.app.state.context, "watch", None)
+    if watch is not None and isinstance(exc, psycopg.OperationalError | OperationalError):
+        watch.mark_down(type(exc).__name__)
     return JSONResponse(
         {"detail": "the event store or read store is unavailable; retry shortly"},
         status_code=503,

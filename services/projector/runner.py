@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psycopg
 from eventsourcing.persistence import Notification
@@ -12,12 +12,12 @@ from eventsourcing.persistence import Notification
 from services.projector.projection import JobsProjection
 from shared.application import TrainingJobs
 from shared.bus import Bus, Envelope
+from shared.metrics import EVENTS_PROJECTED, EVENTS_PUBLISHED
 from shared.readmodel.store import ReadStore
-from shared.waiting import wait_event
+from shared.waiting import retrying_until, wait_event
 
 log = logging.getLogger(__name__)
 BATCH = 500
-MAX_BACKOFF_SECONDS = 10.0
 
 
 class Projector:
@@ -36,6 +36,7 @@ class Projector:
         self.poll_seconds = poll_seconds
         self.listen_url = listen_url
         self._wake = asyncio.Event()
+        self._published_wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def wake(self) -> None:
@@ -44,50 +45,83 @@ class Projector:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def catch_up(self) -> int:
-        """Project and publish everything stored so far; returns how many were handled."""
+        """Project, then publish, everything stored so far; returns how many were projected."""
+        projected = await self.project_pending()
+        await self.publish_pending()
+        return projected
+
+    async def project_pending(self) -> int:
+        """Apply every stored event the read tables lack, in order."""
         handled = 0
         while True:
-            positions = await asyncio.to_thread(self.store.positions)
-            start = min(positions["projected"], positions["published"])
-            batch = await asyncio.to_thread(self._select, start)
+            position = (await asyncio.to_thread(self.store.positions))["projected"]
+            batch = await asyncio.to_thread(self._select, position)
             if not batch:
                 return handled
             for notification in batch:
-                await self._handle(notification, positions)
+                if await asyncio.to_thread(self.projection.process, notification):
+                    EVENTS_PROJECTED.inc()
             handled += len(batch)
 
+    async def publish_pending(self) -> int:
+        """Publish, in order, every projected event the bus has not confirmed yet."""
+        published = 0
+        while True:
+            positions = await asyncio.to_thread(self.store.positions)
+            if positions["published"] >= positions["projected"]:
+                return published
+            batch = await asyncio.to_thread(self._select, positions["published"])
+            for notification in batch:
+                if notification.id > positions["projected"]:
+                    break
+                await self.bus.publish(Envelope.of(self.app.decode(notification)))
+                await asyncio.to_thread(self.store.record_published, notification.id)
+                EVENTS_PUBLISHED.inc()
+                published += 1
+
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """Follow the log until `stop`; outages are retried with backoff, never skipped."""
+        """Follow the log until `stop`. Projecting and publishing are separate loops: the
+        read tables stay current while RabbitMQ is down, and the bus catches up after.
+        Outages are retried with backoff, never skipped."""
         self._loop = asyncio.get_running_loop()
         listener = asyncio.create_task(self._listen(stop)) if self.listen_url else None
-        failures = 0
+        publisher = asyncio.create_task(
+            self._follow(stop, self.publish_pending, self._published_wake, "publishing")
+        )
+        try:
+            await self._follow(stop, self._project_then_nudge, self._wake, "projecting")
+        finally:
+            for task in (listener, publisher):
+                if task:
+                    task.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+
+    async def _project_then_nudge(self) -> int:
+        handled = await self.project_pending()
+        if handled:
+            self._published_wake.set()
+        return handled
+
+    async def _follow(
+        self,
+        stop: asyncio.Event,
+        step: Callable[[], Awaitable[int]],
+        wake: asyncio.Event,
+        what: str,
+    ) -> None:
         while not stop.is_set():
             try:
-                await self.catch_up()
-                failures = 0
-            except Exception as error:  # the store or the bus is down: retry, in order
-                failures += 1
-                log.warning("projector: %s; retrying (%d)", error, failures)
-                await wait_event(stop, min(MAX_BACKOFF_SECONDS, 0.2 * 2**failures))
-                continue
-            await self._wait()
-        if listener:
-            listener.cancel()
-
-    async def _handle(self, notification: Notification, positions: dict[str, int]) -> None:
-        if notification.id > positions["projected"]:
-            await asyncio.to_thread(self.projection.process, notification)
-        if notification.id > positions["published"]:
-            envelope = Envelope.of(self.app.decode(notification))
-            await self.bus.publish(envelope)
-            await asyncio.to_thread(self.store.record_published, notification.id)
+                async for attempt in retrying_until(stop, f"projector {what}"):
+                    with attempt:
+                        await step()
+            except Exception as error:
+                log.info("projector %s stopped: %r", what, error)
+                return
+            await wait_event(wake, self.poll_seconds)
+            wake.clear()
 
     def _select(self, after: int) -> Sequence[Notification]:
         return self.app.recorder.select_notifications(after, BATCH, inclusive_of_start=False)
-
-    async def _wait(self) -> None:
-        await wait_event(self._wake, self.poll_seconds)
-        self._wake.clear()
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake on PostgreSQL NOTIFY from eventsourcing's inserts; polling stays the fallback."""

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from uuid import UUID
 
 from services.trainer.control import Control, Metrics, StartInfo, StepInfo
+from services.trainer.observe import observe_epoch, observe_step
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
-from shared.domainmodel import CANCELLING, PAUSING
+from shared.bootstrap import UNREACHABLE
+from shared.domainmodel import CANCELLING, PAUSING, TrainingJob
+from shared.waiting import durably
 
+log = logging.getLogger(__name__)
 CONFIRM_SECONDS = 2.0
 
 
@@ -21,20 +27,31 @@ class StoreHooks:
     bus, and every few seconds anyway, so a lost nudge only delays them.
     """
 
-    def __init__(self, jobs: TrainingJobs, job_id: UUID, worker: str, attempt: int) -> None:
+    def __init__(
+        self,
+        jobs: TrainingJobs,
+        job_id: UUID,
+        worker: str,
+        attempt: int,
+        patience_seconds: float = 60.0,
+    ) -> None:
         self.jobs, self.job_id, self.worker, self.attempt = jobs, job_id, worker, attempt
+        self.patience_seconds = patience_seconds
+        self.active_at = time.monotonic()  # the last sign of life of the training thread
         self.nudged = threading.Event()
         self._confirmed_at = time.monotonic()
         self.last_step: StepInfo | None = None
         self.telemetry: StepTelemetry | None = None
 
     def on_start(self, info: StartInfo) -> None:
+        self.active_at = time.monotonic()
         self.nudged.set()
         if self.telemetry is not None:
             self.telemetry.start(info)
 
     def check(self, step: StepInfo) -> Control:
-        self.last_step = step
+        observe_step(self.worker, step)
+        self.last_step, self.active_at = step, time.monotonic()
         if self.telemetry is not None:
             self.telemetry(step)
         due = time.monotonic() - self._confirmed_at > CONFIRM_SECONDS
@@ -42,20 +59,36 @@ class StoreHooks:
             return Control.CONTINUE
         self.nudged.clear()
         self._confirmed_at = time.monotonic()
-        job = self.jobs.get_job(self.job_id)
+        try:
+            job = self.jobs.get_job(self.job_id)
+        except UNREACHABLE as error:  # train on; confirm again in a few seconds
+            log.warning("job %s: cannot confirm against the store: %r", self.job_id, error)
+            return Control.CONTINUE
         job.check_claim(self.worker, self.attempt)
         return {PAUSING: Control.PAUSE, CANCELLING: Control.CANCEL}.get(
             job.status, Control.CONTINUE
         )
 
     def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
-        self.jobs.change(
-            self.job_id,
+        observe_epoch(self.worker, metrics)
+        self.record(
+            f"epoch {metrics['epoch']}",
             lambda job: job.complete_epoch(self.worker, self.attempt, dict(metrics), is_best),
         )
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
-        self.jobs.change(
-            self.job_id,
+        self.record(
+            f"checkpoint {epoch}",
             lambda job: job.save_checkpoint(self.worker, self.attempt, epoch, uri, sha256),
+        )
+
+    def record(self, what: str, command: Callable[[TrainingJob], object]) -> TrainingJob:
+        """Append to the job's stream, riding out a store outage of up to `patience_seconds`
+        (the trainer's commands are idempotent, so a write that did land is not doubled)."""
+        self.active_at = time.monotonic()
+        return durably(
+            f"job {self.job_id}: recording {what}",
+            lambda: self.jobs.change(self.job_id, command),
+            UNREACHABLE,
+            self.patience_seconds,
         )

@@ -24,20 +24,24 @@ class LeaseBook:
         self.store, self.lease_seconds = store, lease_seconds
 
     def renew(self, job_id: str, worker: str, attempt: int) -> None:
+        """Take or extend the lease of `attempt`. A trainer of an older attempt (one that
+        hung and woke up) never takes the lease back from the one that replaced it."""
         expires = time.time() + self.lease_seconds
         with self.store.transaction() as tx:
             tx.execute(
                 "INSERT INTO trainer_leases (job_id, worker, attempt, expires_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
                 " worker = excluded.worker, attempt = excluded.attempt,"
-                " expires_at = excluded.expires_at",
+                " expires_at = excluded.expires_at"
+                " WHERE trainer_leases.attempt <= excluded.attempt",
                 [job_id, worker, attempt, expires],
             )
 
-    def release(self, job_id: str, worker: str) -> None:
+    def release(self, job_id: str, worker: str, attempt: int) -> None:
         with self.store.transaction() as tx:
             tx.execute(
-                "DELETE FROM trainer_leases WHERE job_id = ? AND worker = ?", [job_id, worker]
+                "DELETE FROM trainer_leases WHERE job_id = ? AND worker = ? AND attempt = ?",
+                [job_id, worker, attempt],
             )
 
     def lapsed(self) -> list[str]:

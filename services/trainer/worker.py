@@ -86,7 +86,8 @@ class Trainer:
         except Exception as error:
             self._record_failure(job_id, job.attempt + 1, error, claim_first=True)
             return None
-        return job, StoreHooks(self.jobs, job_id, self.worker, job.attempt)
+        hooks = StoreHooks(self.jobs, job_id, self.worker, job.attempt, self.settings.lease_seconds)
+        return job, hooks
 
     async def _train(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
         job, hooks = claimed
@@ -99,7 +100,7 @@ class Trainer:
         finally:
             heartbeat.cancel()
             self.current = None
-            await asyncio.to_thread(self.leases.release, str(job.id), self.worker)
+            await asyncio.to_thread(self.leases.release, str(job.id), self.worker, hooks.attempt)
 
     def _run(self, job: TrainingJob, hooks: StoreHooks) -> None:
         config = JobConfig.model_validate(job.config)
@@ -108,7 +109,7 @@ class Trainer:
         log.info("trainer %s: job %s attempt %d", self.worker, job.id, hooks.attempt)
         try:
             outcome = run_training(config, workdir, hooks, resume_from=resume)
-            self.jobs.change(job.id, lambda j: record_outcome(j, hooks, outcome))
+            hooks.record(outcome.kind, lambda j: record_outcome(j, hooks, outcome))
         except ClaimLostError as lost:
             log.warning("trainer %s: %s; stopping without writing", self.worker, lost)
         except Exception as error:
@@ -131,8 +132,20 @@ class Trainer:
             )
 
     async def _heartbeat(self, hooks: StoreHooks) -> None:
+        """Renew the lease while the training thread shows life. A thread stuck for
+        `stall_seconds` (no step, epoch or write) lets the lease lapse, so another trainer
+        records `WorkerLost` and resumes the job; this one then finds its claim lost."""
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
+            stalled = time.monotonic() - hooks.active_at
+            if stalled > self.settings.stall_seconds:
+                log.error(
+                    "trainer %s: job %s shows no progress for %.0f s; letting its lease lapse",
+                    self.worker,
+                    hooks.job_id,
+                    stalled,
+                )
+                continue
             try:
                 await asyncio.to_thread(
                     self.leases.renew, str(hooks.job_id), self.worker, hooks.attempt

@@ -36,10 +36,10 @@ class PostgresReadStore(ReadStore):
             url,
             min_size=1,
             max_size=pool_size,
-            timeout=5,
+            timeout=0.75,  # the wait for a free connection: an outage is a 503, not a hang
             kwargs={
                 "options": f"-c search_path={schema}",
-                "connect_timeout": 5,
+                "connect_timeout": 2,
                 "row_factory": dict_row,
             },
             check=ConnectionPool.check_connection,

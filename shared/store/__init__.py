@@ -34,7 +34,7 @@ def store_env(settings: Settings) -> dict[str, str]:
         }
     url = urlsplit(settings.database_url)
     return {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "shared.store.postgres:JobsPostgresFactory",
         "POSTGRES_DBNAME": url.path.lstrip("/") or "postgres",
         "POSTGRES_HOST": url.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(url.port or 5432),
@@ -42,7 +42,9 @@ def store_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_PASSWORD": unquote(url.password or "postgres"),
         "POSTGRES_SCHEMA": settings.database_schema,
         "POSTGRES_POOL_SIZE": "10",
-        "POSTGRES_CONNECT_TIMEOUT": "5",
+        # The pool's wait for a connection: an outage is a 503 within a second, not a hang.
+        "POSTGRES_CONNECT_TIMEOUT": "1",
+        "POSTGRES_PRE_PING": "y",
         "POSTGRES_LOCK_TIMEOUT": "5",
         "APPLICATION_RECORDER_TOPIC": "shared.store.postgres:PostgresJobRecorder",
     }

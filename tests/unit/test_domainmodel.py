@@ -506,3 +506,26 @@ def test_cancel_while_pausing_is_not_lost() -> None:
     assert job.status == CANCELLED
     with pytest.raises(IllegalTransitionError):
         job.request_resume(USER)
+
+
+def test_a_trainer_write_retried_after_an_outage_records_nothing_new() -> None:
+    job = fresh(RUNNING)
+    job.complete_epoch(W, 1, metrics(1), is_best=True)
+    job.save_checkpoint(W, 1, 1, "/ck/1.pt", "abc")
+    job.collect_events()
+    job.complete_epoch(W, 1, metrics(1), is_best=True)
+    job.save_checkpoint(W, 1, 1, "/ck/1.pt", "abc")
+    assert job.collect_events() == []
+    job.complete_epoch(W, 1, metrics(2), is_best=False)
+    assert [kind(e) for e in job.collect_events()] == ["EpochCompleted"]
+
+
+def test_a_new_attempt_may_record_an_epoch_again_from_its_checkpoint() -> None:
+    job = with_checkpoint()
+    job.complete_epoch(W, 1, metrics(2), is_best=False)
+    job.lose_worker(1, "reaper")
+    job.claim("trainer-2", "cpu", 100, 20)
+    job.collect_events()
+    job.complete_epoch("trainer-2", 2, metrics(2), is_best=False)
+    assert [kind(e) for e in job.collect_events()] == ["EpochCompleted"]
+    assert job.current_epoch == 2

@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from services.api.auth import current_client
-from services.api.deps import ContextDep, JobIdDep
+from services.api.deps import ContextDep, JobIdDep, require_database
 from services.api.schemas import ERROR_RESPONSES, EventOut, EventPage
 
 router = APIRouter(
     prefix="/api/v1/training",
     tags=["events"],
     responses=ERROR_RESPONSES,
-    dependencies=[Depends(current_client)],
+    dependencies=[Depends(current_client), Depends(require_database)],
 )
 After = Annotated[
     int, Query(ge=0, le=2**63 - 1, description="only events after this store position")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from services.api.auth import current_client
-from services.api.deps import ActorDep, ContextDep, JobIdDep
+from services.api.deps import ActorDep, ContextDep, JobIdDep, require_database
 from services.api.schemas import (
     ERROR_RESPONSES,
     CommandResult,
@@ -25,7 +25,7 @@ router = APIRouter(
     prefix="/api/v1/training",
     tags=["jobs"],
     responses=ERROR_RESPONSES,
-    dependencies=[Depends(current_client)],
+    dependencies=[Depends(current_client), Depends(require_database)],
 )
 StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
 RECENT_METRICS = 10

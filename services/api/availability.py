@@ -1,0 +1,78 @@
+"""Whether PostgreSQL answers, known within a fraction of a second.
+
+During an outage every request would otherwise wait on a connection pool before it
+failed. The watch probes the database a few times a second on its own connection, so
+requests can get their 503 at once, and clears itself as soon as the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import psycopg
+
+from shared.waiting import wait_event
+
+log = logging.getLogger(__name__)
+PROBE_SECONDS = 0.25
+PROBE_TIMEOUT_SECONDS = 0.75
+
+
+class DatabaseUnavailableError(ConnectionError):
+    """PostgreSQL did not answer the last probe."""
+
+
+class DatabaseWatch:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.down: str | None = None
+        self._conn: psycopg.Connection[object] | None = None
+        self._probing = threading.Lock()
+
+    def require(self) -> None:
+        if self.down is not None:
+            raise DatabaseUnavailableError(f"PostgreSQL is down: {self.down}")
+
+    def mark_down(self, reason: str) -> None:
+        """A request just met the outage: refuse the next ones until a probe succeeds."""
+        if self.down is None:
+            log.warning("PostgreSQL unavailable: %s", reason)
+        self.down = reason
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._probe), PROBE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                self.mark_down(f"no answer within {PROBE_TIMEOUT_SECONDS} s")
+            except Exception as error:
+                self.mark_down(type(error).__name__)
+            else:
+                if self.down is not None:
+                    log.info("PostgreSQL is back")
+                self.down = None
+            await wait_event(stop, PROBE_SECONDS)
+        self._close()
+
+    def _probe(self) -> None:
+        if not self._probing.acquire(blocking=False):
+            raise TimeoutError("the previous probe is still waiting")
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+            self._conn.execute("SELECT 1")
+        except Exception:
+            self._close()
+            raise
+        finally:
+            self._probing.release()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as error:
+                log.debug("closing the probe connection: %s", error)
