@@ -32,6 +32,7 @@ SAMPLES_PER_SECOND = Gauge(
 )
 EPOCHS = Counter("heimdall_trainer_epochs", "Epochs completed by this trainer", ["worker"])
 BUSY = Gauge("heimdall_trainer_busy", "1 while this trainer runs a job", ["worker"])
+JOBS_RUN = Counter("heimdall_trainer_jobs", "Runs of jobs ended by this trainer", ["worker"])
 
 
 class StoreCollector(Collector):

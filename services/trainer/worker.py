@@ -21,6 +21,8 @@ from shared.application import TrainingJobs
 from shared.bus import NUDGE_KEYS, Bus, Envelope
 from shared.config import FilesDataset, JobConfig
 from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
+from shared.logs import job_context
+from shared.metrics import BUSY, JOBS_RUN
 from shared.readmodel.store import ReadStore
 from shared.settings import Settings
 from shared.waiting import wait_event
@@ -65,10 +67,11 @@ class Trainer:
     async def run_next(self) -> bool:
         """Claim the oldest runnable job and train it; False when there was none."""
         for job_id in await asyncio.to_thread(self.reads.queued_job_ids):
-            claimed = await asyncio.to_thread(self._claim, UUID(job_id))
-            if claimed is not None:
-                await self._train(claimed)
-                return True
+            with job_context(job_id):  # every log line of its claim and its run names it
+                claimed = await asyncio.to_thread(self._claim, UUID(job_id))
+                if claimed is not None:
+                    await self._train(claimed)
+                    return True
         return False
 
     def _claim(self, job_id: UUID) -> tuple[TrainingJob, StoreHooks] | None:
@@ -94,12 +97,15 @@ class Trainer:
         loop = asyncio.get_running_loop()
         hooks.telemetry = StepTelemetry(self.bus, loop, str(job.id), self.worker)
         self.current = hooks
+        BUSY.labels(self.worker).set(1)
         heartbeat = asyncio.create_task(self._heartbeat(hooks))
         try:
             await asyncio.to_thread(self._run, job, hooks)
         finally:
             heartbeat.cancel()
             self.current = None
+            BUSY.labels(self.worker).set(0)
+            JOBS_RUN.labels(self.worker).inc()
             await asyncio.to_thread(self.leases.release, str(job.id), self.worker, hooks.attempt)
 
     def _run(self, job: TrainingJob, hooks: StoreHooks) -> None:
