@@ -78,10 +78,12 @@ def assert_matches_the_store(positions: list[int], client: httpx.Client, job_id:
     assert positions == stored, f"websocket {positions} != store {stored}"
 
 
-def tiny_window_socket(port: int, receive_buffer: int = 4096) -> socket.socket:
-    """A TCP socket that can hold little unread data: a client that stops reading soon
-    makes the server's writes back up."""
+def tiny_window_socket(port: int, receive_buffer: int = 4096, segment: int = 536) -> socket.socket:
+    """A TCP socket that holds little unread data, so a client that stops reading soon
+    backs up the server's writes. The small segment size matters on loopback: the
+    kernel sizes the sender's buffer from the segment size (64 kB there by default)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, segment)
     sock.connect(("127.0.0.1", port))
     return sock
