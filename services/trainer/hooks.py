@@ -10,7 +10,6 @@ from uuid import UUID
 
 from services.trainer.control import Control, Metrics, StartInfo, StepInfo
 from services.trainer.observe import observe_epoch, observe_step
-from services.trainer.observe import observe_epoch, observe_step
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
 from shared.bootstrap import UNREACHABLE
@@ -52,7 +51,6 @@ class StoreHooks:
 
     def check(self, step: StepInfo) -> Control:
         observe_step(self.worker, step)
-        observe_step(self.worker, step)
         self.last_step, self.active_at = step, time.monotonic()
         if self.telemetry is not None:
             self.telemetry(step)
@@ -72,7 +70,6 @@ class StoreHooks:
         )
 
     def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
-        observe_epoch(self.worker, metrics)
         observe_epoch(self.worker, metrics)
         self.record(
             f"epoch {metrics['epoch']}",
