@@ -41,7 +41,10 @@ def store_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_USER": unquote(url.username or "postgres"),
         "POSTGRES_PASSWORD": unquote(url.password or "postgres"),
         "POSTGRES_SCHEMA": settings.database_schema,
-        "POSTGRES_POOL_SIZE": "10",
+        # Two held, up to twenty under load: a cluster of idle services must not use up
+        # PostgreSQL's connection limit (100 by default).
+        "POSTGRES_POOL_SIZE": "2",
+        "POSTGRES_MAX_OVERFLOW": "18",
         # The pool's wait for a connection: an outage is a 503 within a second, not a hang.
         "POSTGRES_CONNECT_TIMEOUT": "1",
         "POSTGRES_PRE_PING": "y",
