@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -73,3 +74,21 @@ def test_a_database_error_never_reaches_the_client(sqlite_settings: Settings) ->
     assert response.json() == {"detail": "internal server error"}
     for leak in ("training_jobs", "SELECT", "no such table", "Traceback", "sqlite"):
         assert leak not in response.text
+
+
+def test_sql_in_input_is_only_data(sqlite_settings: Settings) -> None:
+    """Every value goes to the database as a bound parameter; identifiers are validated."""
+    name, description = "x'); DROP TABLE training_jobs; --", '" OR 1=1 --'
+    context, background = build_api(sqlite_settings, with_projector=True)
+    with TestClient(create_app(context, background)) as c:
+        body = {"job_name": name, "description": description}
+        assert c.post(f"{API}/jobs", json=body).status_code == 201
+        deadline = time.monotonic() + 10
+        while not (jobs := c.get(f"{API}/jobs").json()["jobs"]):
+            assert time.monotonic() < deadline, "never projected"
+            time.sleep(0.02)
+        assert [(j["job_name"], j["description"]) for j in jobs] == [(name, description)]
+        injected = c.get(f"{API}/jobs", params={"status": "queued' OR '1'='1"})
+        assert injected.status_code == 422
+    with pytest.raises(ValueError, match="database_schema"):
+        Settings(database_schema='public"; DROP SCHEMA public CASCADE; --', _env_file=None)
