@@ -18,7 +18,9 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-UNMATCHED = "<unmatched>"  # a scanner's random paths must not each become a series
+# No template: an unknown path (a scanner's random paths must not each become a series),
+# or a request refused before routing (401 without a key, 413).
+UNMATCHED = "<unmatched>"
 
 
 def route_template(scope: Scope) -> str:
