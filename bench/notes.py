@@ -21,7 +21,9 @@ not tests: nothing here is asserted in the test suite.
 Each bench alternates system and bare runs (A B B A ...) so that a change in the
 machine's load hits both sides, and reports the best and the median of each side; the
 verdict uses the best (the run least disturbed by other processes). Latencies pool
-every request of every round.
+every request of every round. The trainer is judged on CPU time (samples per CPU second
+of the training process, all threads): on this shared 2-core machine the wall time of
+the same run varied by 2x from one run to the next, its CPU time much less.
 """
 
 FINDINGS = """
