@@ -13,7 +13,7 @@ from services.api.auth import check_exposure
 from services.api.availability import DatabaseWatch
 from services.api.deps import ApiContext
 from services.projector.runner import Projector
-from shared.bootstrap import build_app, build_bus, build_read_store
+from shared.bootstrap import build_app, build_bus, build_read_store, postgres_pools
 from shared.metrics import StoreCollector, serve_metrics
 from shared.settings import Settings
 
@@ -27,6 +27,7 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
     background: list[Background] = []
     if settings.database_url:
         context.watch = DatabaseWatch(settings.database_url)
+        context.watch.guard(*postgres_pools(jobs, reads))
         background.append(context.watch.run_forever)
     if with_projector:
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)

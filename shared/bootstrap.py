@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from eventsourcing.postgres import PostgresDatastore
+from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
 from shared.application import TrainingJobs
@@ -31,9 +33,9 @@ AttemptWithBackoff.INITIAL_DELAY = 0.5
 AttemptWithBackoff.DELAY_BACKOFF = 1.0
 
 
-# How long a request waits for a pooled connection: an outage must be a 503 within a
-# second, and with a few milliseconds per query a healthy pool never makes one wait this long.
-POOL_WAIT_SECONDS = 0.75
+# How long a caller waits for a pooled connection before it gives up (the api waits less
+# once it knows the database is down: services/api/availability.py).
+POOL_WAIT_SECONDS = 2.0
 # What "the database is not reachable yet" looks like, as opposed to a configuration error.
 UNREACHABLE = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
 
@@ -97,3 +99,14 @@ def schema_ready(settings: Settings) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))
+
+
+def postgres_pools(app: TrainingJobs, reads: ReadStore) -> list[ConnectionPool[Any]]:
+    """The connection pools of the event store and the read tables (none on SQLite)."""
+    pools: list[ConnectionPool[Any]] = []
+    datastore = getattr(app.recorder, "datastore", None)
+    if isinstance(datastore, PostgresDatastore):
+        pools.append(datastore.pool)
+    if isinstance(reads, PostgresReadStore):
+        pools.append(reads.pool)
+    return pools

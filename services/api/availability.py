@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
 PROBE_SECONDS = 0.25
 PROBE_TIMEOUT_SECONDS = 0.75
+PATIENCE_SECONDS = 5.0
 
 
 class DatabaseUnavailableError(ConnectionError):
@@ -30,6 +35,28 @@ class DatabaseWatch:
         self.down: str | None = None
         self._conn: psycopg.Connection[object] | None = None
         self._probing = threading.Lock()
+
+    def guard(self, *pools: ConnectionPool[Any]) -> None:
+        """Make the pools wait for a connection only while the database is not known to be
+        down: a request caught by an outage fails as soon as a probe notices it (a quarter
+        of a second), yet a busy but healthy pool is waited on for up to `PATIENCE_SECONDS`."""
+        for pool in pools:
+            pool.getconn = self._patient(pool.getconn)  # type: ignore[method-assign]
+
+    def _patient(self, getconn: Callable[..., Any]) -> Callable[..., Any]:
+        def patient_getconn(timeout: float | None = None) -> Any:
+            deadline = time.monotonic() + (PATIENCE_SECONDS if timeout is None else timeout)
+            while True:
+                if self.down is not None:
+                    raise PoolTimeout(f"PostgreSQL is down: {self.down}")
+                left = deadline - time.monotonic()
+                try:
+                    return getconn(timeout=max(0.01, min(PROBE_SECONDS, left)))
+                except PoolTimeout:
+                    if time.monotonic() >= deadline:
+                        raise
+
+        return patient_getconn
 
     def require(self) -> None:
         if self.down is not None:

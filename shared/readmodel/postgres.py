@@ -36,7 +36,7 @@ class PostgresReadStore(ReadStore):
             url,
             min_size=1,
             max_size=pool_size,
-            timeout=0.75,  # the wait for a free connection: an outage is a 503, not a hang
+            timeout=2.0,  # the wait for a free connection (the api waits less in an outage)
             kwargs={
                 "options": f"-c search_path={schema}",
                 "connect_timeout": 2,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +33,17 @@ from tests.integration.test_cluster import (
     assert_one_runner_at_a_time,
     assert_replay_equals_live,
 )
-from tests.processes import API, tiny_config, wait_healthy, wait_job, wait_status, wait_until
+from tests.processes import (
+    API,
+    HEIMDALL,
+    Service,
+    settings_env,
+    tiny_config,
+    wait_healthy,
+    wait_job,
+    wait_status,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
 DEPENDENT_ROUTES = [
@@ -140,6 +152,7 @@ def test_postgres_down_is_a_503_within_a_second_and_everything_recovers(
     assert_replay_equals_live(proxied.settings.model_copy(update={"database_url": POSTGRES_URL}))
 
 
+@pytest.mark.timeout(600)
 def test_services_started_before_postgres_and_rabbitmq_wait_for_them(
     proxied: ProxiedCluster,
 ) -> None:
@@ -161,6 +174,7 @@ def test_services_started_before_postgres_and_rabbitmq_wait_for_them(
     assert wait_status(proxied.client, job_id, FINISHED, timeout=180)["status"] == "completed"
 
 
+@pytest.mark.timeout(600)
 def test_rabbitmq_down_commands_still_succeed_and_the_bus_catches_up(
     proxied: ProxiedCluster,
 ) -> None:
@@ -184,6 +198,7 @@ def test_rabbitmq_down_commands_still_succeed_and_the_bus_catches_up(
     assert_replay_equals_live(proxied.settings.model_copy(update={"database_url": POSTGRES_URL}))
 
 
+@pytest.mark.timeout(900)
 def test_chaos_outages_and_kill_9_at_random_moments_lose_nothing(
     proxied: ProxiedCluster,
 ) -> None:
@@ -198,8 +213,8 @@ def test_chaos_outages_and_kill_9_at_random_moments_lose_nothing(
     proxied.trainer("trainer-b")
     client = proxied.client
     wait_healthy(client)
-    jobs = [proxied.submit(epochs=3, **SLOW) for _ in range(3)]
-    cancelled = proxied.submit(epochs=3, **SLOW)
+    jobs = [proxied.submit(epochs=2, **SLOW) for _ in range(2)]
+    cancelled = proxied.submit(epochs=2, **SLOW)
     wait_status(client, jobs[0], ("running",), timeout=120)
 
     faults = ["pg", "rabbit", "api", "projector", "trainer-a", "trainer-b"]
@@ -229,7 +244,7 @@ def test_chaos_outages_and_kill_9_at_random_moments_lose_nothing(
         done = wait_status(client, job_id, FINISHED, timeout=420)
         assert done["status"] == "completed", proxied.logs()
         epochs = [m["epoch"] for m in client.get(f"{API}/jobs/{job_id}/metrics").json()]
-        assert epochs == [1, 2, 3]
+        assert epochs == [1, 2]
         assert_one_runner_at_a_time(proxied.events(job_id))
     assert wait_status(client, cancelled, FINISHED, timeout=120)["status"] in (
         "cancelled",
@@ -240,6 +255,7 @@ def test_chaos_outages_and_kill_9_at_random_moments_lose_nothing(
     assert_replay_equals_live(proxied.settings.model_copy(update={"database_url": POSTGRES_URL}))
 
 
+@pytest.mark.timeout(600)
 def test_a_hung_trainer_loses_its_job_to_another_and_writes_nothing_after(
     proxied: ProxiedCluster,
 ) -> None:
@@ -247,7 +263,9 @@ def test_a_hung_trainer_loses_its_job_to_another_and_writes_nothing_after(
     proxied.start("projector", "projector")
     hung = proxied.trainer("trainer-a")
     wait_healthy(proxied.client)
-    job_id = proxied.submit(epochs=4, **SLOW)
+    job_id = proxied.submit(
+        epochs=3, batch_size=8, dataset={"samples": 240, "n_mels": 16, "frames": 16}
+    )
     wait_job(proxied.client, job_id, lambda j: j["checkpoint_path"], 180, "a first checkpoint")
     assert hung.process is not None
     hung.process.send_signal(signal.SIGSTOP)  # frozen: no heartbeat, no steps, no exit
@@ -268,10 +286,47 @@ def test_a_hung_trainer_loses_its_job_to_another_and_writes_nothing_after(
     lost = [e for e in events if e["kind"] == "WorkerLost"]
     assert [e["data"]["worker"] for e in lost] == ["trainer-a"]
     assert_one_runner_at_a_time(events)
-    assert [m["epoch"] for m in proxied.client.get(f"{API}/jobs/{job_id}/metrics").json()] == [
-        1,
-        2,
-        3,
-        4,
-    ]
+    metrics = proxied.client.get(f"{API}/jobs/{job_id}/metrics").json()
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert "claim" in hung.log() or "no longer ours" in hung.log() or "not run by" in hung.log()
+
+
+class MemoryCappedService(Service):
+    """A service whose address space is capped, so a job too big for it meets a real
+    MemoryError (as on a machine out of memory, minus the kernel's OOM killer)."""
+
+    def __init__(self, base: Service, cap_bytes: int) -> None:
+        super().__init__(base.command, base.env, base.log_path.parent, base.name)
+        self.cap_bytes = cap_bytes
+
+    def start(self) -> Service:
+        log = self.log_path.open("ab")
+        cap = self.cap_bytes
+        self.process = subprocess.Popen(
+            [*HEIMDALL, self.command],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)),
+        )
+        return self
+
+
+@pytest.mark.timeout(600)
+def test_a_job_that_runs_out_of_memory_fails_with_the_cause_and_the_trainer_lives_on(
+    proxied: ProxiedCluster,
+) -> None:
+    proxied.start("api", "api")
+    proxied.start("projector", "projector")
+    env = settings_env(proxied.settings, api_port=proxied.port, worker_name="trainer-capped")
+    capped = MemoryCappedService(Service("trainer", env, proxied.log_dir, "trainer"), 8 << 30)
+    proxied.services["trainer"] = capped.start()
+    wait_healthy(proxied.client)
+    # 256 samples x 7 receivers x 512 x 1024 in float64 is 7.5 GB for the first chunk.
+    huge = proxied.submit(epochs=1, dataset={"samples": 1024, "n_mels": 512, "frames": 1024})
+    failed = wait_status(proxied.client, huge, FINISHED, timeout=180)
+    assert failed["status"] == "failed", proxied.logs()
+    assert failed["error_message"].startswith("MemoryError"), failed["error_message"]
+    small = proxied.submit(epochs=1)  # the same trainer process goes on to the next job
+    assert wait_status(proxied.client, small, FINISHED, timeout=180)["status"] == "completed"
+    assert capped.process is not None and capped.process.poll() is None
