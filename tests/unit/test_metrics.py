@@ -109,3 +109,25 @@ def test_the_embedded_projector_counts_what_it_projects(sqlite_settings: Setting
             assert time.monotonic() < deadline, "the projector never caught up"
             time.sleep(0.05)
         assert value(scrape(client), "heimdall_events_projected_total") >= before + 1
+
+
+def test_gpu_memory_is_reported_once_cuda_is_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch.cuda's answers are stood in for; the GPU machine shows the real ones."""
+    import torch
+
+    from shared.metrics import GpuCollector
+
+    if not torch.cuda.is_available():
+        assert list(GpuCollector().collect()) == []
+    fake = {"memory_allocated": 1024, "memory_reserved": 4096, "max_memory_allocated": 2048}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, amount in fake.items():
+        monkeypatch.setattr(torch.cuda, name, lambda index, amount=amount: amount)
+    (family,) = GpuCollector().collect()
+    assert {(s.labels["device"], s.labels["kind"], s.value) for s in family.samples} == {
+        ("cuda:0", "allocated", 1024),
+        ("cuda:0", "reserved", 4096),
+        ("cuda:0", "peak", 2048),
+    }
