@@ -12,6 +12,7 @@ from eventsourcing.persistence import Notification
 from services.projector.projection import JobsProjection
 from shared.application import TrainingJobs
 from shared.bus import Bus, Envelope
+from shared.logs import job_context
 from shared.metrics import EVENTS_PROJECTED, EVENTS_PUBLISHED
 from shared.readmodel.store import ReadStore
 from shared.waiting import retrying_until, wait_event
@@ -59,9 +60,19 @@ class Projector:
             if not batch:
                 return handled
             for notification in batch:
-                if await asyncio.to_thread(self.projection.process, notification):
-                    EVENTS_PROJECTED.inc()
+                with job_context(notification.originator_id):
+                    await self._project(notification)
             handled += len(batch)
+
+    async def _project(self, notification: Notification) -> None:
+        """One event; its log lines (a failure included) carry its job id."""
+        try:
+            if await asyncio.to_thread(self.projection.process, notification):
+                EVENTS_PROJECTED.inc()
+                log.debug("projected position %d", notification.id)
+        except Exception as error:
+            log.warning("projecting position %d failed: %r", notification.id, error)
+            raise
 
     async def publish_pending(self) -> int:
         """Publish, in order, every projected event the bus has not confirmed yet."""

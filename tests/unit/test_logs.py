@@ -10,7 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.projector.runner import Projector
+from shared.bootstrap import build_app, build_read_store
+from shared.bus import InProcessBus
 from shared.logs import configure_logging, job_context
+from shared.settings import Settings
 
 
 @pytest.fixture
@@ -70,3 +74,15 @@ def test_text_format_and_uvicorn_goes_through_the_root_logger(
         logging.getLogger("uvicorn.access").info('%s - "%s %s"', "1.2.3.4", "GET", "/health")
     err = capsys.readouterr().err
     assert 'INFO uvicorn.access 1.2.3.4 - "GET /health" [job j-1]' in err
+
+
+async def test_the_projectors_lines_carry_the_job_id(
+    restore_logging: None, capsys: pytest.CaptureFixture[str], sqlite_settings: Settings
+) -> None:
+    jobs, reads = build_app(sqlite_settings), build_read_store(sqlite_settings)
+    job = jobs.submit("logged", "", {"epochs": 1}, "tester")
+    configure_logging("json", "DEBUG")
+    assert await Projector(jobs, reads, InProcessBus()).project_pending() == 1
+    records = lines(capsys.readouterr().err)
+    projected = [r for r in records if r["message"] == "projected position 1"]
+    assert [r["job_id"] for r in projected] == [str(job.id)]
