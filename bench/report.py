@@ -240,8 +240,9 @@ def _live(f: Figures) -> str:
     return (
         "## 4. Live: append → WebSocket clients vs a bare broadcast\n\n"
         f"{f['clients']:,} WebSocket clients (one asyncio process on the same cores) watch one"
-        f" job; {f['events']} events, one at a time. System: `EpochCompleted` saved to the"
-        " store → projector (LISTEN/NOTIFY, read tables, publish with confirms) → RabbitMQ →"
+        f" job; {f['events']} events a round, one at a time, {f['rounds']} rounds a side,"
+        " alternating. System: `EpochCompleted` saved to the store → projector"
+        " (LISTEN/NOTIFY, read tables, publish with confirms) → RabbitMQ →"
         " the api's hub → every socket; latency from just before `save()` to each client's"
         " receipt. Bare: a FastAPI route that sends one message to as many sockets; latency"
         " from just before the POST that triggers it.\n\n"

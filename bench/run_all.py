@@ -133,7 +133,11 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="run only these benches")
     p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
     p.add_argument("--results", type=Path, default=Path("var/bench"), help="JSON figures")
+    p.add_argument("--render", action="store_true", help="only rewrite --out from all.json")
     args = p.parse_args()
+    if args.render:
+        args.out.write_text(render(json.loads((args.results / "all.json").read_text())))
+        return
     args.results.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
     report: dict[str, Any] = {"machine": machine(), "versions": versions(), "quick": args.quick}
