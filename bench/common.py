@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -111,6 +112,29 @@ def fresh_schema(prefix: str = "bench") -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+def broker_names(schema: str) -> tuple[str, str]:
+    """The exchange and work queue of a bench that runs on this schema."""
+    tag = schema.replace("_", ".")
+    return f"{tag}.exchange", f"{tag}.work"
+
+
+def drop_broker_names(schema: str) -> None:
+    """Delete the bench's exchange and queues from RabbitMQ (they are durable)."""
+    import aio_pika
+
+    exchange, work = broker_names(schema)
+
+    async def drop() -> None:
+        connection = await aio_pika.connect(BROKER_URL, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (work, f"{work}.dead"):
+                await channel.queue_delete(queue)
+            await channel.exchange_delete(exchange)
+
+    asyncio.run(drop())
+
+
 def heimdall_env(schema: str, data_dir: Path, broker: bool = False, **extra: str) -> dict[str, str]:
     """The environment that points a `heimdall` service at this schema (and broker)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEIMDALL_")}
@@ -121,11 +145,11 @@ def heimdall_env(schema: str, data_dir: Path, broker: bool = False, **extra: str
         "PYTHONUNBUFFERED": "1",
     }
     if broker:
-        tag = schema.replace("_", ".")
+        exchange, work = broker_names(schema)
         env |= {
             "HEIMDALL_BROKER_URL": BROKER_URL,
-            "HEIMDALL_EXCHANGE": f"{tag}.exchange",
-            "HEIMDALL_WORK_QUEUE": f"{tag}.work",
+            "HEIMDALL_EXCHANGE": exchange,
+            "HEIMDALL_WORK_QUEUE": work,
         }
     env |= {f"HEIMDALL_{k.upper()}": v for k, v in extra.items()}
     return env

@@ -20,6 +20,7 @@ from bench.common import (
     API,
     DATABASE_URL,
     Process,
+    drop_broker_names,
     emit,
     free_port,
     fresh_schema,
@@ -137,6 +138,7 @@ def system_side(n: int, events: int, gap: float, tmp: Path) -> dict[str, Any]:
         finally:
             result_api, result_projector = api.stop(), projector.stop()
             app.close()
+            drop_broker_names(schema)
     return result | {"api_peak_rss_mb": result_api, "projector_peak_rss_mb": result_projector}
 
 

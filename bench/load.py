@@ -17,6 +17,7 @@ import httpx
 from bench.common import (
     API,
     Process,
+    drop_broker_names,
     emit,
     free_port,
     fresh_schema,
@@ -137,6 +138,7 @@ def main(clients: int, seconds: float, out: Path | None) -> None:
                 all_listed = wait_listed(client, len(mix.submitted))
         finally:
             api_peak, projector_peak = api.stop(), projector.stop()
+            drop_broker_names(schema)
         figures = report(run)
         if figures["unexpected_errors"]:
             print(api.log_tail(60))
