@@ -35,13 +35,24 @@ class DatabaseWatch:
         self.down: str | None = None
         self._conn: psycopg.Connection[object] | None = None
         self._probing = threading.Lock()
+        self._pools: list[ConnectionPool[Any]] = []
 
     def guard(self, *pools: ConnectionPool[Any]) -> None:
         """Make the pools wait for a connection only while the database is not known to be
         down: a request caught by an outage fails as soon as a probe notices it (a quarter
         of a second), yet a busy but healthy pool is waited on for up to `PATIENCE_SECONDS`."""
+        self._pools.extend(pools)
         for pool in pools:
             pool.getconn = self._patient(pool.getconn)  # type: ignore[method-assign]
+
+    def _renew_pools(self) -> None:
+        """Connections are not pinged on every checkout (a round trip per request): after
+        an outage, replace the dead ones before requests are let through again."""
+        for pool in self._pools:
+            try:
+                pool.check()
+            except Exception as error:
+                log.warning("checking the pool's connections: %r", error)
 
     def _patient(self, getconn: Callable[..., Any]) -> Callable[..., Any]:
         def patient_getconn(timeout: float | None = None) -> Any:
@@ -79,6 +90,7 @@ class DatabaseWatch:
             else:
                 if self.down is not None:
                     log.info("PostgreSQL is back")
+                    await asyncio.to_thread(self._renew_pools)
                 self.down = None
             await wait_event(stop, PROBE_SECONDS)
         self._close()

@@ -42,7 +42,6 @@ class PostgresReadStore(ReadStore):
                 "connect_timeout": 2,
                 "row_factory": dict_row,
             },
-            check=ConnectionPool.check_connection,
             open=True,
         )
 

@@ -85,7 +85,19 @@ class ReadStore(ABC):
             params.append(limit)
         with self.transaction() as tx:
             rows = tx.fetchall(sql, params)
-        return sorted(rows, key=lambda r: int(r["epoch"]))
+        return rows[::-1] if latest else rows
+
+    def job_metrics(self, job_id: str, limit: int | None = None) -> list[Row] | None:
+        """A job's per-epoch rows ascending, in one transaction; None if no such job row."""
+        sql = "SELECT * FROM training_metrics WHERE job_id = ? ORDER BY epoch ASC"
+        params: list[Any] = [job_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self.transaction() as tx:
+            if not tx.fetchall("SELECT 1 AS found FROM training_jobs WHERE id = ?", [job_id]):
+                return None
+            return tx.fetchall(sql, params)
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs the read table holds in each status (archived ones included)."""

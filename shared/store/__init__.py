@@ -47,7 +47,6 @@ def store_env(settings: Settings) -> dict[str, str]:
         "POSTGRES_MAX_OVERFLOW": "18",
         # The pool's wait for a connection: an outage is a 503 within a second, not a hang.
         "POSTGRES_CONNECT_TIMEOUT": "1",
-        "POSTGRES_PRE_PING": "y",
         "POSTGRES_LOCK_TIMEOUT": "5",
         "APPLICATION_RECORDER_TOPIC": "shared.store.postgres:PostgresJobRecorder",
     }

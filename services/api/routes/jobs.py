@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, TypeAdapter
 
 from services.api.auth import current_client
 from services.api.deps import ActorDep, ContextDep, JobIdDep, require_database
@@ -29,6 +30,13 @@ router = APIRouter(
 )
 StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
 RECENT_METRICS = 10
+# Big answers are validated and written by pydantic-core in one pass, not model by model.
+JSON = "application/json"
+METRIC_ROWS: TypeAdapter[list[MetricRow]] = TypeAdapter(list[MetricRow])
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type=JSON)
 
 
 def command_result(job: TrainingJob, message: str) -> CommandResult:
@@ -62,10 +70,10 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     include_archived: bool = False,
-) -> JobList:
+) -> Response:
     """Jobs, newest first, optionally of one status."""
     rows, total = context.reads.list_jobs(status, limit, offset, include_archived)
-    return JobList(jobs=[Job(**job_json(r)) for r in rows], total=total)
+    return _json(JobList.model_validate({"jobs": [job_json(r) for r in rows], "total": total}))
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)
@@ -89,11 +97,13 @@ def job_metrics(
     job_id: JobIdDep,
     context: ContextDep,
     limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
-) -> list[MetricRow]:
+) -> Response:
     """Per-epoch metrics, ascending by epoch."""
-    if context.reads.get_job(str(job_id)) is None:
+    rows = context.reads.job_metrics(str(job_id), limit)
+    if rows is None:  # not projected yet, or not a job at all (404)
         context.jobs.get_job(job_id)
-    return [MetricRow(**metric_json(m)) for m in context.reads.metrics(str(job_id), limit)]
+        rows = []
+    return Response(METRIC_ROWS.dump_json(METRIC_ROWS.validate_python(rows)), media_type=JSON)
 
 
 @router.post("/jobs/{job_id}/pause", status_code=202, response_model=CommandResult)
