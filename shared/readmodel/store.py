@@ -77,23 +77,14 @@ class ReadStore(ABC):
 
     def metrics(self, job_id: str, limit: int | None = None, latest: bool = False) -> list[Row]:
         """Per-epoch rows ascending; with `latest`, the last `limit` of them."""
-        order = "DESC" if latest else "ASC"
-        sql = f"SELECT * FROM training_metrics WHERE job_id = ? ORDER BY epoch {order}"
-        params: list[Any] = [job_id]
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql, params = _metrics_query(job_id, limit, "DESC" if latest else "ASC")
         with self.transaction() as tx:
             rows = tx.fetchall(sql, params)
         return rows[::-1] if latest else rows
 
     def job_metrics(self, job_id: str, limit: int | None = None) -> list[Row] | None:
         """A job's per-epoch rows ascending, in one transaction; None if no such job row."""
-        sql = "SELECT * FROM training_metrics WHERE job_id = ? ORDER BY epoch ASC"
-        params: list[Any] = [job_id]
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql, params = _metrics_query(job_id, limit, "ASC")
         with self.transaction() as tx:
             if not tx.fetchall("SELECT 1 AS found FROM training_jobs WHERE id = ?", [job_id]):
                 return None
@@ -125,3 +116,12 @@ class ReadStore(ABC):
             jobs = tx.fetchall("SELECT * FROM training_jobs ORDER BY id")
             metrics = tx.fetchall("SELECT * FROM training_metrics ORDER BY job_id, epoch")
         return int(pos[0]["position"]), jobs, metrics
+
+
+def _metrics_query(job_id: str, limit: int | None, order: str) -> tuple[str, list[Any]]:
+    sql = f"SELECT * FROM training_metrics WHERE job_id = ? ORDER BY epoch {order}"
+    params: list[Any] = [job_id]
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params

@@ -16,7 +16,8 @@ import pytest
 
 from shared.bus import ALL_KEYS, NUDGE_KEYS, ROUTING_KEYS, WORK_KEYS, Envelope
 from shared.rabbit import START_WAIT_SECONDS, RabbitBus
-from tests.integration.conftest import RABBIT_URL, TcpProxy
+from tests.faults import Proxy
+from tests.integration.conftest import RABBIT_URL
 
 pytestmark = pytest.mark.rabbit
 
@@ -186,9 +187,9 @@ async def test_a_work_message_with_no_queue_raises(
 
 
 async def test_an_unreachable_broker_is_waited_for_in_the_background(
-    make_bus: BusFactory, rabbit_proxy: TcpProxy
+    make_bus: BusFactory, rabbit_proxy: Proxy
 ) -> None:
-    await rabbit_proxy.cut(stay_down=True)
+    rabbit_proxy.cut(stay_down=True)
     bus = make_bus(rabbit_proxy.url)
     started = time.monotonic()
     await bus.start()  # returns: the service runs on and the bus keeps trying
@@ -198,7 +199,7 @@ async def test_an_unreachable_broker_is_waited_for_in_the_background(
         await bus.publish(envelope(1))
     assert time.monotonic() - began < 1
     assert await bus.healthy() is False
-    await rabbit_proxy.open()
+    rabbit_proxy.open()
     deadline = time.monotonic() + 30
     while not await bus.healthy():
         assert time.monotonic() < deadline, "the bus never connected"
@@ -255,7 +256,7 @@ async def test_health_follows_the_connection(make_bus: BusFactory) -> None:
 
 
 async def test_consumers_and_bindings_come_back_after_the_connection_drops(
-    make_bus: BusFactory, rabbit_proxy: TcpProxy
+    make_bus: BusFactory, rabbit_proxy: Proxy
 ) -> None:
     work, nudges = Inbox(), Inbox()
     bus = make_bus(rabbit_proxy.url)
@@ -267,7 +268,7 @@ async def test_consumers_and_bindings_come_back_after_the_connection_drops(
     assert await work.wait(1) == [1]
     assert await nudges.wait(1) == [2]
     await asyncio.sleep(0.2)  # let the acks reach the broker
-    await rabbit_proxy.cut()
+    rabbit_proxy.cut()
     assert await eventually(bus.healthy)
     await asyncio.sleep(0.5)  # consumers are restored right after the channel
     await bus.publish(envelope(3, "WorkerLost"))
@@ -276,19 +277,19 @@ async def test_consumers_and_bindings_come_back_after_the_connection_drops(
 
 
 async def test_publish_during_an_outage_raises_quickly_then_recovers(
-    make_bus: BusFactory, rabbit_proxy: TcpProxy
+    make_bus: BusFactory, rabbit_proxy: Proxy
 ) -> None:
     watch = Inbox()
     bus = make_bus(rabbit_proxy.url)
     bus.subscribe_fanout(ALL_KEYS, watch)
     await bus.start()
-    await rabbit_proxy.cut(stay_down=True)
+    rabbit_proxy.cut(stay_down=True)
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017 - the projector retries on any error
         await bus.publish(envelope(1))
     assert time.monotonic() - started < 3
     assert await bus.healthy() is False
-    await rabbit_proxy.open()
+    rabbit_proxy.open()
     assert await eventually(bus.healthy)
     await asyncio.sleep(0.5)
     await bus.publish(envelope(2))
