@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -13,10 +13,12 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import IntegrityError, Notification
 
 from shared.domainmodel import TrainingJob, job_kind
+from shared.groupcommit import GroupCommit
 from shared.store import JobNotifications
 
 T = TypeVar("T")
 MAX_CONFLICT_RETRIES = 20
+DEFAULT_SUBMIT_BATCH = 64
 _IDEMPOTENCY_NAMESPACE = uuid5(NAMESPACE_URL, "heimdall-training/idempotency-key")
 _ENVELOPE_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic", "id")
 
@@ -47,6 +49,12 @@ class TrainingJobs(Application[UUID]):
 
     name = "TrainingJobs"
     snapshotting_intervals = {TrainingJob: 100}  # noqa: RUF012 (eventsourcing's own API)
+    SUBMIT_BATCH = "SUBMIT_BATCH"  # the env key: new jobs per transaction at most
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        batch = int(self.env.get(self.SUBMIT_BATCH) or DEFAULT_SUBMIT_BATCH)
+        self.submits = GroupCommit(self.save, batch, name="submit-group-commit")
 
     def submit(
         self,
@@ -68,7 +76,7 @@ class TrainingJobs(Application[UUID]):
             id=job_id, job_name=job_name, description=description, config=config, actor=actor
         )
         try:
-            self.save(job)
+            self.submits.save(job)
         except IntegrityError:
             if idempotency_key is None:
                 raise

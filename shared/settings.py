@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     ws_queue: int = Field(1000, ge=1, description="messages a WebSocket client may lag behind")
     poll_seconds: float = Field(0.2, gt=0)
+    submit_batch: int = Field(
+        64, ge=1, le=1000, description="new jobs saved in one transaction at most; 1: each alone"
+    )
     lease_seconds: float = Field(60.0, gt=0)
     stall_seconds: float = Field(
         900.0, gt=0, description="a training thread silent this long is treated as hung"

@@ -73,7 +73,7 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-def current_client(
+async def current_client(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
@@ -85,7 +85,7 @@ def current_client(
     return client
 
 
-def operator(request: Request, client: Annotated[ApiKey, Depends(current_client)]) -> ApiKey:
+async def operator(request: Request, client: Annotated[ApiKey, Depends(current_client)]) -> ApiKey:
     """403 for a viewer's key: commands need an operator."""
     if not client.can_command:
         raise HTTPException(

@@ -24,16 +24,17 @@ class JobNotifications(ABC):
 
 def store_env(settings: Settings) -> dict[str, str]:
     """The eventsourcing environment for the configured backend."""
+    common = {"SUBMIT_BATCH": str(settings.submit_batch)}
     if not settings.database_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return {
+        return common | {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(settings.data_dir / "events.sqlite"),
             "SQLITE_LOCK_TIMEOUT": "10",
             "APPLICATION_RECORDER_TOPIC": "shared.store.sqlite:SQLiteJobRecorder",
         }
     url = urlsplit(settings.database_url)
-    return {
+    return common | {
         "PERSISTENCE_MODULE": "shared.store.postgres:JobsPostgresFactory",
         "POSTGRES_DBNAME": url.path.lstrip("/") or "postgres",
         "POSTGRES_HOST": url.hostname or "127.0.0.1",

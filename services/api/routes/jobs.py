@@ -35,8 +35,9 @@ JSON = "application/json"
 METRIC_ROWS: TypeAdapter[list[MetricRow]] = TypeAdapter(list[MetricRow])
 
 
-def _json(model: BaseModel) -> Response:
-    return Response(model.model_dump_json(), media_type=JSON)
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    """The model as the answer, skipping FastAPI's second validation of `response_model`."""
+    return Response(model.model_dump_json(), status_code, media_type=JSON)
 
 
 def command_result(job: TrainingJob, message: str) -> CommandResult:
@@ -50,7 +51,7 @@ def submit_job(
     context: ContextDep,
     actor: ActorDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> Job:
+) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
     job = context.jobs.submit(
         body.job_name,
@@ -60,7 +61,7 @@ def submit_job(
         idempotency_key=idempotency_key,
     )
     context.after_command()
-    return Job(**job_json(job_row(job, position=0)))
+    return _json(Job(**job_json(job_row(job, position=0))), 201)
 
 
 @router.get("/jobs", response_model=JobList)

@@ -6,7 +6,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, WebSocket
 
-from services.api.deps import ApiContext, parse_job_id
+from services.api.deps import ApiContext, job_id_of
 from services.api.hub import Hub
 from services.api.session import CLOSE_NOT_FOUND, LiveSession
 from shared.application import JobNotFoundError
@@ -45,7 +45,7 @@ async def open_stream(websocket: WebSocket, job_id: str | None) -> None:
     session = LiveSession(websocket, context, hub, None, None)
     try:
         after = parse_after(websocket.query_params.getlist("after"))
-        target = parse_job_id(job_id) if job_id is not None else None
+        target = job_id_of(job_id) if job_id is not None else None
     except BadQueryError as error:
         await session.refuse(CLOSE_BAD_REQUEST, str(error))
         return
