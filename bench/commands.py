@@ -13,8 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import (
     API,
     DATABASE_URL,
@@ -31,7 +29,7 @@ from bench.common import (
     wait_http,
     workdir,
 )
-from bench.loadgen import Run, Sample, run_clients
+from bench.loadgen import Client, Run, Sample, call, run_clients
 from shared.config import JobConfig
 
 GOAL = 0.5
@@ -43,20 +41,22 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def http_side(clients: int, total: int, log_dir: Path) -> tuple[Run, float | None]:
-    """An api process alone on its own schema, hammered by `clients` async clients."""
+def http_side(
+    clients: int, total: int, log_dir: Path, submit_batch: int = 64
+) -> tuple[Run, float | None]:
+    """An api process alone on its own schema, hammered by `clients` async clients;
+    `submit_batch` 1 turns its group commit off (one transaction per submit)."""
     with fresh_schema("bench_cmd") as schema:
         port = free_port()
-        env = heimdall_env(schema, log_dir, api_port=str(port))
+        env = heimdall_env(schema, log_dir, api_port=str(port), submit_batch=str(submit_batch))
         api = Process.heimdall("api", env, log_dir).start()
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}/health")
             body = {"job_name": "bench", "description": "", "config": CONFIG}
 
-            async def send(client: httpx.AsyncClient, n: int) -> tuple[str, int]:
-                response = await client.post(f"{API}/jobs", json=body)
-                return "submit", response.status_code
+            async def send(client: Client, n: int) -> tuple[str, int]:
+                return "submit", (await call(client, "POST", f"{API}/jobs", body)).status
 
             asyncio.run(run_clients(base, clients, send, total=clients))  # warm up
             run = asyncio.run(run_clients(base, clients, send, total=total))
@@ -108,20 +108,21 @@ def raw_side(threads: int, total: int, log_dir: Path) -> Run:
 
 
 def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
-    http_runs: list[Run] = []
-    raw_runs: list[Run] = []
+    runs: dict[str, list[Run]] = {"http": [], "single": [], "raw": []}
     peaks: list[float] = []
     with workdir() as log_dir:
         for r in range(rounds):
-            for side in ("http", "raw") if r % 2 == 0 else ("raw", "http"):
-                if side == "http":
-                    run, peak = http_side(clients, total, log_dir)
-                    http_runs.append(run)
-                    peaks += [peak] if peak is not None else []
+            sides = ("http", "raw", "single") if r % 2 == 0 else ("single", "raw", "http")
+            for side in sides:
+                if side == "raw":
+                    runs[side].append(raw_side(clients, total, log_dir))
                 else:
-                    raw_runs.append(raw_side(clients, total, log_dir))
-                print(f"{side}: {(http_runs if side == 'http' else raw_runs)[-1].rate:.0f}/s")
-    system, bare = _side(http_runs), _side(raw_runs)
+                    batch = 1 if side == "single" else 64
+                    run, peak = http_side(clients, total, log_dir, submit_batch=batch)
+                    runs[side].append(run)
+                    peaks += [peak] if peak is not None else []
+                print(f"{side}: {runs[side][-1].rate:.0f}/s")
+    system, bare, single = _side(runs["http"]), _side(runs["raw"]), _side(runs["single"])
     emit(
         {
             "figure": "commands",
@@ -130,8 +131,10 @@ def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
             "rounds": rounds,
             "system": system | {"api_peak_rss_mb": max(peaks, default=None)},
             "bare": bare,
+            "single": single,
             "ratio_best": ratio(system["best_per_s"], bare["best_per_s"]),
             "ratio_median": ratio(system["median_per_s"], bare["median_per_s"]),
+            "single_ratio_best": ratio(single["best_per_s"], bare["best_per_s"]),
             "goal": GOAL,
         },
         out,

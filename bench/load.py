@@ -28,7 +28,7 @@ from bench.common import (
     wait_http,
     workdir,
 )
-from bench.loadgen import Run, run_clients
+from bench.loadgen import Client, Run, call, run_clients
 
 MIX = {
     "submit": 15,
@@ -59,25 +59,26 @@ class Mix:
         self.kinds, self.weights = list(MIX), list(MIX.values())
         self.random = random.Random(5)
 
-    async def send(self, client: httpx.AsyncClient, n: int) -> tuple[str, int]:
+    async def send(self, client: Client, n: int) -> tuple[str, int]:
         kind = self.random.choices(self.kinds, self.weights)[0]
         if kind == "submit":
-            response = await client.post(f"{API}/jobs", json=BODY)
-            if response.status_code == 201:
-                self.submitted.append(response.json()["id"])
+            answer = await call(client, "POST", f"{API}/jobs", BODY)
+            if answer.status == 201:
+                self.submitted.append(answer.json()["id"])
         elif kind == "list":
             offset = self.random.choice((0, 0, 0, 50, 100))
-            response = await client.get(f"{API}/jobs", params={"limit": 50, "offset": offset})
-            if response.status_code == 200:
-                self.listed += [j["id"] for j in response.json()["jobs"][:5]]
+            params = {"limit": 50, "offset": offset}
+            answer = await call(client, "GET", f"{API}/jobs", params=params)
+            if answer.status == 200:
+                self.listed += [j["id"] for j in answer.json()["jobs"][:5]]
         elif kind in COMMANDS:
             job_id = self.random.choice(self.submitted)
-            response = await client.post(f"{API}/jobs/{job_id}/{kind}")
+            answer = await call(client, "POST", f"{API}/jobs/{job_id}/{kind}")
         else:
             job_id = self.random.choice(self.listed)
             path = {"get": "", "metrics": "/metrics", "history": "/events"}[kind]
-            response = await client.get(f"{API}/jobs/{job_id}{path}")
-        return kind, response.status_code
+            answer = await call(client, "GET", f"{API}/jobs/{job_id}{path}")
+        return kind, answer.status
 
 
 def seed(base: str, n: int) -> list[str]:

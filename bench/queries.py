@@ -24,7 +24,7 @@ from bench.common import (
     wait_http,
     workdir,
 )
-from bench.loadgen import Run, run_clients
+from bench.loadgen import Client, Run, call, run_clients
 from bench.populate import populate
 from shared.bootstrap import build_app, build_read_store
 from shared.settings import Settings
@@ -41,9 +41,8 @@ def endpoints(long_job: str) -> dict[str, tuple[str, str]]:
 
 
 def measure(base: str, path: str, clients: int, total: int) -> Run:
-    async def send(client: httpx.AsyncClient, n: int) -> tuple[str, int]:
-        response = await client.get(path)
-        return "get", response.status_code
+    async def send(client: Client, n: int) -> tuple[str, int]:
+        return "get", (await call(client, "GET", path)).status
 
     asyncio.run(run_clients(base, clients, send, total=clients))  # warm up
     run = asyncio.run(run_clients(base, clients, send, total=total))
