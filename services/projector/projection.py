@@ -10,6 +10,7 @@ from eventsourcing.persistence import Notification
 
 from shared.application import TrainingJobs
 from shared.domainmodel import TrainingJob
+from shared.readmodel.schema import JOB_COLUMNS, METRIC_COLUMNS
 from shared.readmodel.store import UPSERT_JOB, UPSERT_METRIC, ReadStore
 from shared.views import Row, job_row, metric_row
 
@@ -51,6 +52,7 @@ class JobsProjection:
             jobs[job.id] = job, notification.id
             metrics += [metric] if metric is not None else []
         first, last = notifications[0].id, notifications[-1].id
+        rows = [job_row(*jp) for jp in jobs.values()]
         with self.store.transaction() as tx:
             moved = tx.execute(
                 "UPDATE projector_positions SET position = ? WHERE name = 'projected'"
@@ -59,8 +61,8 @@ class JobsProjection:
             )
             if not moved:
                 return 0
-            tx.executemany(UPSERT_JOB, [list(job_row(*jp).values()) for jp in jobs.values()])
-            tx.executemany(UPSERT_METRIC, [list(m.values()) for m in metrics])
+            tx.upsert_many("training_jobs", JOB_COLUMNS, ("id",), rows)
+            tx.upsert_many("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"), metrics)
         return len(notifications)
 
     def _apply(self, notification: Notification) -> tuple[TrainingJob, Row | None]:

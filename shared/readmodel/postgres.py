@@ -10,7 +10,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from shared.readmodel.store import ReadStore, Row, Tx
+from shared.readmodel.schema import upsert
+from shared.readmodel.store import ReadStore, Row, Tx, last_per_key
+
+# From this many rows an upsert goes through COPY into a staging table: one statement
+# for all of them instead of one per row (a replay writes pages of hundreds).
+COPY_FROM_ROWS = 32
 
 
 class _PostgresTx:
@@ -28,6 +33,27 @@ class _PostgresTx:
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self.cursor.execute(sql.replace("?", "%s"), params)
         return self.cursor.fetchall()
+
+    def upsert_many(
+        self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Row]
+    ) -> None:
+        if len(rows) < COPY_FROM_ROWS:
+            self.executemany(upsert(table, tuple(columns), tuple(key)), rows_of(columns, rows))
+            return
+        # ON CONFLICT may touch a row once per statement: only the last of each key.
+        rows = last_per_key(key, rows)
+        stage, names = f"stage_{table}", ", ".join(columns)
+        self.cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS"
+        )
+        with self.cursor.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+            for row in rows_of(columns, rows):
+                copy.write_row(row)
+        self.cursor.execute(upsert(table, tuple(columns), tuple(key), source=stage))
+
+
+def rows_of(columns: Sequence[str], rows: Sequence[Row]) -> list[list[Any]]:
+    return [[row[c] for c in columns] for row in rows]
 
 
 class PostgresReadStore(ReadStore):

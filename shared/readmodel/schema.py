@@ -85,10 +85,17 @@ DDL = (
 )
 
 
-def upsert(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-    """INSERT ... ON CONFLICT DO UPDATE, which SQLite and PostgreSQL both speak."""
+def upsert(
+    table: str, columns: tuple[str, ...], key: tuple[str, ...], source: str | None = None
+) -> str:
+    """INSERT ... ON CONFLICT DO UPDATE, which SQLite and PostgreSQL both speak: of one row
+    of `?` placeholders, or of every row of the table `source`."""
+    names = ", ".join(columns)
+    values = (
+        f"SELECT {names} FROM {source}" if source else f"VALUES ({', '.join('?' * len(columns))})"
+    )
     updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
     return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f"INSERT INTO {table} ({names}) {values}"
         f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
     )

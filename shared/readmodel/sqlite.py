@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from shared.readmodel.schema import upsert
 from shared.readmodel.store import ReadStore, Row, Tx
 
 
@@ -23,6 +24,12 @@ class _SQLiteTx:
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+
+    def upsert_many(
+        self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Row]
+    ) -> None:
+        statement = upsert(table, tuple(columns), tuple(key))
+        self.conn.executemany(statement, [[row[c] for c in columns] for row in rows])
 
 
 class SQLiteReadStore(ReadStore):

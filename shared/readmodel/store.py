@@ -24,6 +24,18 @@ class Tx(Protocol):
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
 
+    def upsert_many(
+        self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Row]
+    ) -> None:
+        """Insert or update rows (dicts keyed by `columns`); a later row with the same key
+        wins, as with one upsert after another."""
+        ...
+
+
+def last_per_key(key: Sequence[str], rows: Sequence[Row]) -> list[Row]:
+    """The rows in order, only the last of each key kept."""
+    return list({tuple(row[k] for k in key): row for row in rows}.values())
+
 
 class ReadStore(ABC):
     """Rows for queries; positions and rows written in one transaction by the projector."""

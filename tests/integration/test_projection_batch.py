@@ -10,6 +10,8 @@ from services.projector.projection import JobsProjection
 from services.projector.replay import fresh_store
 from shared.application import TrainingJobs
 from shared.bootstrap import build_app, build_read_store
+from shared.readmodel.postgres import COPY_FROM_ROWS
+from shared.readmodel.schema import METRIC_COLUMNS
 from shared.readmodel.store import ReadStore
 from shared.settings import Settings
 from tests.integration.test_store_and_projection import epoch, mixed_workload, submit
@@ -63,3 +65,29 @@ def test_a_batch_already_projected_changes_nothing(store: Store) -> None:
     assert projection.process_batch(notifications[:2]) == 0
     assert projection.process_batch([]) == 0
     assert reads.snapshot() == before
+
+
+@pytest.mark.parametrize("rows", [3, COPY_FROM_ROWS * 4])
+def test_upsert_many_equals_one_upsert_after_another(
+    store: Store, settings: Settings, rows: int
+) -> None:
+    """Under COPY_FROM_ROWS a plain upsert per row; from it (PostgreSQL) COPY into a staging
+    table, then one upsert: both leave the last row of each key, and update existing ones."""
+    _, reads = store
+    metric = dict.fromkeys(METRIC_COLUMNS) | {"recorded_at": "2026-11-29T00:00:00+00:00"}
+    existing = {**metric, "job_id": "j0", "epoch": 0, "train_loss": 9.0, "position": 1}
+    batch = [
+        {**metric, "job_id": f"j{i % 5}", "epoch": i % 7, "train_loss": float(i), "position": i}
+        for i in range(rows)
+    ]
+    expected: dict[tuple[str, int], dict[str, object]] = {}
+    for row in [existing, *batch]:
+        expected[(str(row["job_id"]), int(str(row["epoch"])))] = row
+    with reads.transaction() as tx:
+        tx.upsert_many("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"), [existing])
+    with reads.transaction() as tx:
+        tx.upsert_many("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"), batch)
+        tx.upsert_many("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"), batch[:1])
+    _, _, stored = reads.snapshot()
+    by_key = {(r["job_id"], r["epoch"]): r for r in stored}
+    assert by_key == expected | {("j0", 0): batch[0]}
