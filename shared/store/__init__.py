@@ -24,7 +24,10 @@ class JobNotifications(ABC):
 
 def store_env(settings: Settings) -> dict[str, str]:
     """The eventsourcing environment for the configured backend."""
-    common = {"SUBMIT_BATCH": str(settings.submit_batch)}
+    common = {
+        "SUBMIT_BATCH": str(settings.submit_batch),
+        "TRANSCODER_TOPIC": "shared.store.transcoder:FastJSONTranscoder",
+    }
     if not settings.database_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         return common | {
