@@ -29,82 +29,86 @@ the same run varied by 2x from one run to the next, its CPU time much less.
 FINDINGS = """
 ## What the figures showed, and what was done
 
-The run above was made from a clean export of the committed tree while other engineers
-edited theirs and ran their tests on the same two cores (see the load averages).
-Profiles were taken with py-spy on the same machine; the percentages below are shares
-of a process's busy samples. A later run on a quieter or busier machine moves the
-ratios a little.
+These runs share two cores with PostgreSQL, RabbitMQ, the load generators and other
+engineers' test runs (see the load averages): the same bench moves by 10-30 % from one
+run to the next, which is why both sides run alternately in the same run and the ratio
+is what counts. Profiles were taken with py-spy (`--gil` for where the interpreter's
+time goes) and cProfile on the same machine.
 
-**1. Trainer (missed by a few per cent on the whole job; steps alone are about 0.98).**
-The training step is the same code path on both sides: backward ~47 % and forward ~17 %
-of the trainer's samples, AdamW ~6 %. `StoreHooks.check` and the step telemetry do not
-show in the profile (below 0.3 %): the per-step control is a clock read and a flag,
-confirmed against the store every 2 s. What the job does beyond the bare loop is per
-epoch: validation with distance metrics (~3 % of samples vs ~2.5 % for the bare loop's
-loss-only pass), a checkpoint (model, AdamW state, RNG; 13-40 MB written to a temp
-file, fsynced, hashed and renamed: 0.1-0.2 s), and two appends to the store: about 2 %
-with 51 steps an epoch, less as epochs grow. The other ~2 % is in the steps (the
-steps-only ratio): not the control check, but the per-step accuracy metric (a haversine
-over the batch), the schedule and the `.tolist()` of three numbers; not separated
-further. Not changed: the checkpoint could be written by a background thread from a
-copy of the state, but a `Paused` event must only follow a durable checkpoint, so that
-change belongs with the trainer's owners. Found on the way: with OpenMP's default
-busy-waiting, the same bare run measured anywhere from 14 to 158 samples/s depending on
-the other processes on the two cores; `OMP_WAIT_POLICY=PASSIVE` (used for both sides
-here) made runs repeatable within 3 %. Worth setting for trainers on shared CPU hosts.
+**1. Trainer (met in this run; 0.956-0.986 in earlier ones).** The training step is the
+same code path on both sides: backward ~47 % and forward ~17 % of the trainer's samples,
+AdamW ~6 %. `StoreHooks.check` and the step telemetry stay below 0.3 %: the per-step
+control is a clock read and a flag, confirmed against the store every 2 s. What the job
+does beyond the bare loop is per epoch: validation with distance metrics, a checkpoint
+(model, AdamW state and RNG, written to a temp file, fsynced, hashed and renamed: 0.1-0.2
+s) and two appends to the store, about 2 % with 51 steps an epoch, less as epochs grow;
+and per step the accuracy metric and reading three numbers back, about 2 %. The goal
+(0.98) is inside this machine's noise. `OMP_WAIT_POLICY=PASSIVE` (used on both sides)
+made runs repeatable within 3 %; with OpenMP's default busy-waiting the same bare run
+measured anywhere from 14 to 158 samples/s. Worth setting for trainers on shared hosts.
 
-**2. Commands (missed).** `save()` itself is the same on both sides, but in the api
-the request threads (up to 40 of anyio's) and the event loop share one GIL with the
-thread that holds eventsourcing's insert lock (every insert takes a table lock,
-LIBRARY-NOTES): ~75 % of the api's samples wait in `insert_events` (`Pipeline.sync`),
-so the lock is held longer while its holder waits for the GIL, and writers queue (p99
-in seconds). The threads of the bare baseline do nothing else, so its holder runs at
-once. A small semaphore around the api's saves (so at most a few request threads
-contend while one holds the lock) is the likely fix; left to the api's owners. The 50
-httpx clients also run on the same two cores.
+**2. Commands (met; was 0.28).** Three causes, found with py-spy `--gil` on the api:
+- FastAPI runs a plain `def` dependency in the thread pool. The routes' four trivial
+  dependencies (context, key check, actor, id parsing) each took a thread hop: a third
+  of the api's interpreter time. They are `async` now: 6.1 ms of api CPU per POST went
+  to 5.2 ms, 118/s to 126/s (aiohttp clients, one transaction per submit).
+- eventsourcing's PostgreSQL recorder locks the events table for each insert, and each
+  transaction waits for its own WAL flush; in the api the thread holding that lock also
+  waits for the GIL behind the event loop, so the lock is held longer and 50 writers
+  queue. The api now commits concurrent submits together (group commit,
+  `shared/groupcommit.py`): one writer thread saves everything that arrived while the
+  last transaction ran, in one `save()`, and each request is answered only once its
+  transaction has committed. A repeated idempotency key in a batch fails alone (the
+  batch is retried one by one). Proven by `tests/integration/test_group_commit.py`: 40
+  concurrent submits land in fewer than 20 transactions (counted by `xmin`), 10 with
+  `HEIMDALL_SUBMIT_BATCH=1`. API CPU per POST: 2.2 ms. The table above also shows the api
+  without it (one transaction per submit, as the baseline saves): 0.44 of the baseline.
+- The load generator: httpx spent 4.6 ms of CPU per request on the same two cores as the
+  api, aiohttp 1.1 ms (`bench/loadgen.py`); with httpx the client was the bottleneck.
 
-**3. Queries (missed).** The api's own work per page is cheaper than the bare route's:
-building and serialising 50 `Job` models took ~6 ms against ~15 ms for FastAPI's
-`jsonable_encoder` over raw rows. The time goes to PostgreSQL round trips: ~50 % of the
-api's samples wait in psycopg. The api makes five (the pool's `check_connection`, BEGIN,
-COUNT, page, COMMIT), the bare route four (no check); on loaded cores every round trip
-costs a context switch into PostgreSQL, and the check alone is ~8.5 % of the samples.
-Options, left to the owners of the outage handling that added the check: check only
-connections idle for a while, or fetch the page and `COUNT(*) OVER ()` in one
-statement without an explicit transaction (one round trip instead of four). The 5,000
-row metrics page is dominated by the same round trips plus validating 5,000 rows twice
-(the route builds `MetricRow`s, FastAPI validates them again against the response
-model).
+**3. Queries (met).** Fixed in an earlier run (0.63 and 0.58 before): no ping on every
+pool checkout (the api renews its pools when PostgreSQL comes back instead), the metrics
+route's existence check and query in one transaction, and answers validated and
+serialised by pydantic-core in one pass. The metrics route's p99 (1.45x) is the figure
+closest to its limit: 5,000 rows are validated once more than the bare route does.
 
 **4. Live (met).** The hub writes each socket from its own bounded queue, so the 1,000
 sends overlap; the bare route's `gather` over 1,000 `send_text` calls has the larger
 tail. The system's median is higher: its path has four hops (store, NOTIFY, projector
-transaction, RabbitMQ confirm) before the first socket is written.
+transaction, RabbitMQ confirm) before the first socket is written. At a load average
+of 3 one earlier run measured p99 451 ms against 186 ms: with 1,000 sockets on two
+cores the tail follows the machine's load more than the code.
 
-**5. Replay (missed; improved ~30x).** The rebuild projected one event per transaction:
-five to six round trips an event (pool check, BEGIN, position update, job upsert,
-metric upsert, COMMIT), about 100 events/s under load. `JobsProjection.process_batch`
-(used by `rebuild`) now applies a page of 500 events in one transaction, writes each
-job's row once per page and the rows with `executemany`, with the position check that
-keeps it exactly-once (tests: `tests/integration/test_projection_batch.py`): about
-11,000 events/s in this run. The goal of 0.5 of the raw read is out of reach for this
-design: decoding a notification into its domain event alone (eventsourcing's mapper
-and JSON transcoder, ~25-30 us) is slower than reading it (~10-20 us), so read + decode
-caps any Python rebuild near 0.45 of the raw read; the rest is writing rows
-(~100-300 us a row through `executemany` on a loaded PostgreSQL). Next step: COPY into
-the fresh tables. The live projector still projects one event per transaction (it
-publishes each event after projecting it); batching it the same way would raise its
-catch-up rate.
+**5. Replay (missed: about 0.12-0.14 of the raw read, 0.21-0.25 of read + decode).**
+Per event on this machine: reading a notification raw ~15-18 us; decoding it ~14 us;
+applying it to the job (eventsourcing's `mutate`) ~15 us; the job's row ~22 us (13 us
+of it the config's JSON); COPY and PostgreSQL's upsert ~35 us. What was done, each
+measured on the bench's 16,002 events:
+- one transaction per page of 500 events instead of one per event (earlier, ~30x);
+- rows written with COPY into a staging table and one `INSERT ... ON CONFLICT` instead
+  of a statement per row: 4.77 s to 2.48 s (best of four alternating runs);
+- events decoded by pydantic-core's parser in eventsourcing's own format
+  (`shared/store/transcoder.py`): 547 ms to 221 ms for all of them.
+Tried and dropped: reading the next page and writing the last one in threads while the
+current one is applied (2.11 s against 1.64 s best, no gain): the rebuild is bound by
+Python work under one GIL, and PostgreSQL shares the same two cores. Why 0.5 is out of
+reach for this design: reading, decoding and applying alone (no row built, nothing
+written) take ~45 us an event against ~15-18 us for the raw read, about 0.35, before a
+single row is written. Meeting it would take the projection out of Python (for example
+into SQL over the stored JSON, which would duplicate the aggregate's rules) or several
+processes on more cores. The live projector still projects one event per transaction
+(it publishes each event after projecting it); its catch-up after an outage would gain
+from the same batching.
 
 **7. Load test (met: no errors, nothing lost).** The latencies are those of a saturated
 2-core machine: the 200 clients, the api, the projector, PostgreSQL and RabbitMQ share
-the two cores with other engineers' test runs. Submits are the slowest kind for the
-reason in 2.
+the two cores. 409s are commands racing other commands on the same job, as expected.
 
-**8. GPU.** `bench/gpu.sh` has not run on a GPU: no session so far had one. Its CPU
-smoke run (`bench/gpu.sh --cpu`) exercises the same code on convnext_atto; its ratio is
-noise (18 steps a side on loaded cores) and says nothing about a GPU. The trainer's
-loop syncs the device once a step (`.tolist()` of loss, norm and hits), as the bare loop
-does with `loss.item()`; on a GPU that sync, and the per-step host-to-device copies of
-each batch (shown as "data share"), are what to look at first if the ratio misses.
+**8. GPU.** `bench/gpu.sh` has not run on a GPU: no session so far had one (this one
+neither). Its CPU smoke run (`bench/gpu.sh --cpu`) exercises the same code on
+convnext_atto; its ratio is noise (18 steps a side on loaded cores) and says nothing
+about a GPU. The trainer's loop syncs the device once a step (`.tolist()` of loss, norm
+and hits), as the bare loop does with `loss.item()`; on a GPU that sync, and the
+per-step host-to-device copies of each batch (shown as "data share"), are what to look
+at first if the ratio misses.
 """

@@ -73,11 +73,16 @@ def _summary(b: Figures) -> str:
             rows.append([name, "", "", "", "", "**failed** (see below)"])
         else:
             rows += row(f)
-    loads = ", ".join(f"{n} {f['load_before']} → {f['load_after']}" for n, f in b.items())
+    loads = ", ".join(
+        f"{n} {f['load_before']} → {f['load_after']}"
+        + (f" (at {f['measured_at'][11:16]} UTC)" if "measured_at" in f else "")
+        for n, f in b.items()
+    )
     return (
         table(["figure", "system", "bare", "ratio (best / median)", "goal", ""], rows)
         + f"\nLoad average (1 min) before → after each bench: {loads}. The machine has 2"
-        " cores and is shared with other engineers' test runs.\n"
+        " cores and is shared with other engineers' test runs. `--only` reruns keep the"
+        " other benches' last figures.\n"
     )
 
 

@@ -118,7 +118,12 @@ def run_one(
         error = f"did not finish within {limit} s"
     seconds = time.monotonic() - started
     figures: dict[str, Any] = json.loads(out.read_text()) if out.exists() and not error else {}
-    figures |= {"seconds": round(seconds, 1), "load_before": before, "load_after": load_average()}
+    figures |= {
+        "seconds": round(seconds, 1),
+        "load_before": before,
+        "load_after": load_average(),
+        "measured_at": datetime.now(UTC).isoformat(timespec="minutes"),
+    }
     if error:
         figures["error"] = error
         print(f"   failed: {error[-500:]}", flush=True)
@@ -142,6 +147,9 @@ def main() -> None:
     started = datetime.now(UTC)
     report: dict[str, Any] = {"machine": machine(), "versions": versions(), "quick": args.quick}
     report["benches"] = {}
+    previous = args.results / "all.json"
+    if args.only and previous.exists():  # the others keep their last figures
+        report["benches"] = json.loads(previous.read_text())["benches"]
     for name, module, extra, limit in BENCHES:
         if args.only and name not in args.only:
             continue
