@@ -196,7 +196,22 @@ def _trainer(f: Figures) -> str:
         + f"\nRatio per CPU second {num(f['ratio_cpu_best'], 3)}; per wall second"
         f" {_ratios(f, 3)} (best / median); steps only {num(f['ratio_steps_best'], 3)}."
         f" Goal ≥ 0.98 (judged on CPU time): {met(_ok_trainer(f))}. The system's job recorded"
-        f" {f['system']['events']} events.\n"
+        f" {f['system']['events']} events.\n" + _paired(f)
+    )
+
+
+def _paired(f: Figures) -> str:
+    """Each system run against the bare run beside it: the machine's speed drifts within
+    a run, which moves the best-against-best ratio more than the code does."""
+    pairs = [s / b for s, b in zip(f["system"]["cpu_all"], f["bare"]["cpu_all"], strict=False)]
+    if not pairs:
+        return ""
+    listed = ", ".join(num(p, 3) for p in pairs)
+    bare = f["bare"]["cpu_all"]
+    return (
+        f"\nPer CPU second, each system run against the bare run beside it: {listed}"
+        f" (median {num(sorted(pairs)[len(pairs) // 2], 3)}). The same bare loop ran from"
+        f" {num(min(bare), 1)} to {num(max(bare), 1)} samples per CPU second in this run.\n"
     )
 
 

@@ -26,7 +26,7 @@ from bench.report import render
 
 # (name, module, extra arguments, time limit in seconds at full size)
 BENCHES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
-    ("trainer", "bench.trainer", (), 420),
+    ("trainer", "bench.trainer", (), 720),
     ("commands", "bench.commands", (), 180),
     ("queries", "bench.queries", (), 300),
     ("replay", "bench.replay", (), 240),

@@ -192,7 +192,7 @@ def _figures(runs: list[Result]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     p = parser(__doc__ or "")
-    p.add_argument("--rounds", type=int, default=3, help="bare/system pairs to run")
+    p.add_argument("--rounds", type=int, default=5, help="bare/system pairs to run")
     p.add_argument("--child", choices=("system", "bare"), help="one side, in this process")
     args = p.parse_args()
     if args.child:
