@@ -31,6 +31,7 @@ from bench.common import (
 )
 from bench.loadgen import Client, Run, Sample, call, run_clients
 from shared.config import JobConfig
+from shared.settings import DEFAULT_SUBMIT_BATCH
 
 GOAL = 0.5
 CONFIG: dict[str, Any] = {
@@ -42,7 +43,7 @@ CONFIG: dict[str, Any] = {
 
 
 def http_side(
-    clients: int, total: int, log_dir: Path, submit_batch: int = 64
+    clients: int, total: int, log_dir: Path, submit_batch: int = DEFAULT_SUBMIT_BATCH
 ) -> tuple[Run, float | None]:
     """An api process alone on its own schema, hammered by `clients` async clients;
     `submit_batch` 1 turns its group commit off (one transaction per submit)."""
@@ -117,7 +118,7 @@ def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
                 if side == "raw":
                     runs[side].append(raw_side(clients, total, log_dir))
                 else:
-                    batch = 1 if side == "single" else 64
+                    batch = 1 if side == "single" else DEFAULT_SUBMIT_BATCH
                     run, peak = http_side(clients, total, log_dir, submit_batch=batch)
                     runs[side].append(run)
                     peaks += [peak] if peak is not None else []

@@ -14,11 +14,11 @@ from eventsourcing.persistence import IntegrityError, Notification
 
 from shared.domainmodel import TrainingJob, job_kind
 from shared.groupcommit import GroupCommit
+from shared.settings import DEFAULT_SUBMIT_BATCH
 from shared.store import JobNotifications
 
 T = TypeVar("T")
 MAX_CONFLICT_RETRIES = 20
-DEFAULT_SUBMIT_BATCH = 64
 _IDEMPOTENCY_NAMESPACE = uuid5(NAMESPACE_URL, "heimdall-training/idempotency-key")
 _ENVELOPE_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic", "id")
 

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.security import ApiKey, ConfigurationError, parse_api_keys, parse_origins
 
+DEFAULT_SUBMIT_BATCH = 64
+
 
 def _default_worker() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -36,7 +38,10 @@ class Settings(BaseSettings):
     ws_queue: int = Field(1000, ge=1, description="messages a WebSocket client may lag behind")
     poll_seconds: float = Field(0.2, gt=0)
     submit_batch: int = Field(
-        64, ge=1, le=1000, description="new jobs saved in one transaction at most; 1: each alone"
+        DEFAULT_SUBMIT_BATCH,
+        ge=1,
+        le=1000,
+        description="new jobs saved in one transaction at most; 1: each alone",
     )
     lease_seconds: float = Field(60.0, gt=0)
     stall_seconds: float = Field(

@@ -11,7 +11,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from shared.readmodel.schema import upsert
-from shared.readmodel.store import ReadStore, Row, Tx, last_per_key
+from shared.readmodel.store import ReadStore, Row, Tx, last_per_key, rows_of
 
 # From this many rows an upsert goes through COPY into a staging table: one statement
 # for all of them instead of one per row (a replay writes pages of hundreds).
@@ -50,10 +50,6 @@ class _PostgresTx:
             for row in rows_of(columns, rows):
                 copy.write_row(row)
         self.cursor.execute(upsert(table, tuple(columns), tuple(key), source=stage))
-
-
-def rows_of(columns: Sequence[str], rows: Sequence[Row]) -> list[list[Any]]:
-    return [[row[c] for c in columns] for row in rows]
 
 
 class PostgresReadStore(ReadStore):

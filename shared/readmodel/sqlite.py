@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.readmodel.schema import upsert
-from shared.readmodel.store import ReadStore, Row, Tx
+from shared.readmodel.store import ReadStore, Row, Tx, rows_of
 
 
 class _SQLiteTx:
@@ -29,7 +29,7 @@ class _SQLiteTx:
         self, table: str, columns: Sequence[str], key: Sequence[str], rows: Sequence[Row]
     ) -> None:
         statement = upsert(table, tuple(columns), tuple(key))
-        self.conn.executemany(statement, [[row[c] for c in columns] for row in rows])
+        self.conn.executemany(statement, rows_of(columns, rows))
 
 
 class SQLiteReadStore(ReadStore):

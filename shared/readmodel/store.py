@@ -32,6 +32,11 @@ class Tx(Protocol):
         ...
 
 
+def rows_of(columns: Sequence[str], rows: Sequence[Row]) -> list[list[Any]]:
+    """Each row's values in the order of `columns`."""
+    return [[row[c] for c in columns] for row in rows]
+
+
 def last_per_key(key: Sequence[str], rows: Sequence[Row]) -> list[Row]:
     """The rows in order, only the last of each key kept."""
     return list({tuple(row[k] for k in key): row for row in rows}.values())
