@@ -70,7 +70,7 @@ def run_system(config: JobConfig) -> Result:
         settings = Settings(database_url=DATABASE_URL, database_schema=schema, data_dir=tmp)
         jobs, reads, bus = build_app(settings), build_read_store(settings), InProcessBus()
         trainer = build_trainer(settings, jobs, reads, bus)
-        job = jobs.submit("bench", "", config.model_dump(mode="json"), "bench")
+        job = jobs.submit("bench", "", config.model_dump(mode="json"), "bench").job
 
         async def main() -> tuple[float, float]:
             await Projector(jobs, reads, bus).catch_up()

@@ -18,18 +18,6 @@ EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
 NOT_FOUND, BAD_REQUEST = 4404, 4400
 MAX_DELAY_SECONDS = 5.0
 MAX_FAILURES = 30
-STATUS_AFTER = {
-    "training_started": "running",
-    "training_resumed": "running",
-    "training_pause_requested": "pausing",
-    "training_paused": "paused",
-    "training_resume_requested": "queued",
-    "training_cancel_requested": "cancelling",
-    "training_worker_lost": "queued",
-    "training_completed": "completed",
-    "training_failed": "failed",
-    "training_cancelled": "cancelled",
-}
 
 
 class WatchError(Exception):
@@ -88,10 +76,19 @@ class Watcher:
             self._epoch(message["data"])
         elif event == "error":
             self.progress.console.print(f"[yellow]server: {message.get('detail')}[/yellow]")
-        if event in STATUS_AFTER:
-            self.status = STATUS_AFTER[event]
-            self.final = message.get("data") or {}
+        if event != "training_status" and isinstance(message.get("position"), int):
+            self.status = message.get("status", self.status)  # as the domain computed it
+            self._ending(event, message.get("data") or {})
         self._show()
+
+    def _ending(self, event: str, data: dict[str, Any]) -> None:
+        """What the final line reports: the model of `Completed`, the error of `Failed`."""
+        if event == "training_completed":
+            self.final = {"model_uri": data.get("model_uri")}
+        elif event == "training_failed":
+            self.final = {"error": f"{data.get('error_type')}: {data.get('error')}"}
+        elif self.status == "failed":  # the last attempt's trainer was lost
+            self.final = {"error": f"WorkerLost: attempt {data.get('attempt')} lost"}
 
     def _status(self, job: dict[str, Any]) -> None:
         self.name, self.status = job["job_name"], job["status"]

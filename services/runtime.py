@@ -31,7 +31,8 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
         background.append(context.watch.run_forever)
     if with_projector:
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
-        context.after_command = projector.wake
+        jobs.saved_hooks.append(lambda _: projector.wake())
+        projector.projected_hooks.append(context.freshness.advance)
         background.append(projector.run_forever)
     return context, background
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -10,7 +12,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import IntegrityError, Notification
+from eventsourcing.persistence import IntegrityError, Notification, Recording
 
 from shared.domainmodel import TrainingJob, job_kind
 from shared.groupcommit import GroupCommit
@@ -19,6 +21,7 @@ from shared.store import JobNotifications
 
 T = TypeVar("T")
 MAX_CONFLICT_RETRIES = 20
+FOLD_CACHE_SIZE = 1000
 _IDEMPOTENCY_NAMESPACE = uuid5(NAMESPACE_URL, "heimdall-training/idempotency-key")
 _ENVELOPE_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic", "id")
 
@@ -42,6 +45,54 @@ class StoredJobEvent:
     timestamp: datetime
     actor: str
     data: dict[str, Any]
+    status: str  # the job's status after this event, as the aggregate computed it
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A command's outcome: the job after it, and the store position of the command's last
+    event (for a command that recorded nothing new, the store's head when it ran)."""
+
+    job: TrainingJob
+    position: int
+
+
+class JobFold:
+    """Each job's state after each of its events, folded in stream order.
+
+    Keeps the last state of up to `size` jobs, so following the store in order costs one
+    `mutate` per event; an event out of that order loads the job as it was just before
+    (a version check also catches a cached state whose event was rolled back). Owned by
+    one reader (the projection, or the application's decoder), and thread-safe.
+    """
+
+    def __init__(self, app: Application[UUID], size: int = FOLD_CACHE_SIZE) -> None:
+        self.app, self.size = app, size
+        self._jobs: OrderedDict[UUID, TrainingJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def after(self, domain_event: TrainingJob.Event) -> TrainingJob:
+        """The job after `domain_event`; the returned object is the fold's own: read it
+        before folding that job's next event."""
+        job_id, version = domain_event.originator_id, domain_event.originator_version
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.version != version - 1:
+                job = self._before(job_id, version)
+            mutated = domain_event.mutate(job)
+            assert isinstance(mutated, TrainingJob)
+            self._jobs[job_id] = mutated
+            self._jobs.move_to_end(job_id)
+            while len(self._jobs) > self.size:
+                self._jobs.popitem(last=False)
+            return mutated
+
+    def _before(self, job_id: UUID, version: int) -> TrainingJob | None:
+        if version == TrainingJob.INITIAL_VERSION:
+            return None
+        job: object = self.app.repository.get(job_id, version=version - 1)
+        assert isinstance(job, TrainingJob)
+        return job
 
 
 class TrainingJobs(Application[UUID]):
@@ -54,7 +105,9 @@ class TrainingJobs(Application[UUID]):
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         super().__init__(env)
         batch = int(self.env.get(self.SUBMIT_BATCH) or DEFAULT_SUBMIT_BATCH)
+        self.saved_hooks: list[Callable[[int], None]] = []
         self.submits = GroupCommit(self.save, batch, name="submit-group-commit")
+        self.fold = JobFold(self)
 
     def submit(
         self,
@@ -63,7 +116,7 @@ class TrainingJobs(Application[UUID]):
         config: dict[str, Any],
         actor: str,
         idempotency_key: str | None = None,
-    ) -> TrainingJob:
+    ) -> Accepted:
         """A new queued job; the same idempotency key (per actor) never makes a second one."""
         if idempotency_key is None:
             job_id = uuid4()
@@ -76,12 +129,12 @@ class TrainingJobs(Application[UUID]):
             id=job_id, job_name=job_name, description=description, config=config, actor=actor
         )
         try:
-            self.submits.save(job)
+            position = self.submits.save(job)
         except IntegrityError:
             if idempotency_key is None:
                 raise
             return self._same_request(self.get_job(job_id), job_name, description, config)
-        return job
+        return Accepted(job, position)
 
     def get_job(self, job_id: UUID) -> TrainingJob:
         job = self._find(job_id)
@@ -89,43 +142,69 @@ class TrainingJobs(Application[UUID]):
             raise JobNotFoundError(f"job {job_id} not found")
         return job
 
-    def pause(self, job_id: UUID, actor: str) -> TrainingJob:
-        return self.change(job_id, lambda job: job.request_pause(actor))
+    # People's commands (the api): each returns the job and its position.
 
-    def resume(self, job_id: UUID, actor: str) -> TrainingJob:
-        return self.change(job_id, lambda job: job.request_resume(actor))
+    def pause(self, job_id: UUID, actor: str) -> Accepted:
+        return self.command(job_id, lambda job: job.request_pause(actor))
 
-    def cancel(self, job_id: UUID, actor: str) -> TrainingJob:
-        return self.change(job_id, lambda job: job.request_cancel(actor))
+    def resume(self, job_id: UUID, actor: str) -> Accepted:
+        return self.command(job_id, lambda job: job.request_resume(actor))
 
-    def archive(self, job_id: UUID, actor: str) -> TrainingJob:
-        return self.change(job_id, lambda job: job.archive(actor))
+    def cancel(self, job_id: UUID, actor: str) -> Accepted:
+        return self.command(job_id, lambda job: job.request_cancel(actor))
+
+    def archive(self, job_id: UUID, actor: str) -> Accepted:
+        return self.command(job_id, lambda job: job.archive(actor))
+
+    def delete(self, job_id: UUID, actor: str) -> Accepted:
+        """DELETE: cancel an active job, archive a finished one (the aggregate decides)."""
+        return self.command(job_id, lambda job: job.delete(actor))
 
     def change(self, job_id: UUID, command: Callable[[TrainingJob], object]) -> TrainingJob:
         """Apply a command and save; on a concurrent write, reload and apply it again."""
+        return self.command(job_id, command).job
+
+    def command(self, job_id: UUID, command: Callable[[TrainingJob], object]) -> Accepted:
+        """`change`, also saying where in the store the command's effect is."""
         for _ in range(MAX_CONFLICT_RETRIES):
             job = self.get_job(job_id)
             command(job)
             try:
-                self.save(job)
+                recordings = self.save(job)
             except IntegrityError:
                 continue
-            return job
+            return Accepted(
+                job, last_position(recordings) or self.recorder.max_notification_id() or 0
+            )
         raise IntegrityError(f"job {job_id}: gave up after {MAX_CONFLICT_RETRIES} conflicts")
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        """eventsourcing's save; then each of `saved_hooks` hears the last position (the
+        embedded projector wakes at once instead of at its next poll)."""
+        recordings = super().save(*objs, **kwargs)
+        position = last_position(recordings)
+        if position:
+            for hook in self.saved_hooks:
+                hook(position)
+        return recordings
 
     def history(self, job_id: UUID, after: int = 0, limit: int = 1000) -> list[StoredJobEvent]:
         """The job's events with their store positions, oldest first."""
         self.get_job(job_id)
         recorder = self.recorder
         assert isinstance(recorder, JobNotifications)
-        return [self.decode(n) for n in recorder.select_stream_notifications(job_id, after, limit)]
+        return self.decode_all(recorder.select_stream_notifications(job_id, after, limit))
 
     def feed(self, after: int = 0, limit: int = 100) -> list[StoredJobEvent]:
         """Every job's events after a position, in store order."""
         found = self.recorder.select_notifications(after, limit, inclusive_of_start=False)
-        return [self.decode(n) for n in found]
+        return self.decode_all(found)
+
+    def decode_all(self, notifications: Sequence[Notification]) -> list[StoredJobEvent]:
+        return [self.decode(n) for n in notifications]
 
     def decode(self, notification: Notification) -> StoredJobEvent:
+        """One stored event as clients see it, with the job's status after it."""
         domain_event = self.mapper.to_domain_event(notification)
         assert isinstance(domain_event, TrainingJob.Event)
         return StoredJobEvent(
@@ -136,6 +215,7 @@ class TrainingJobs(Application[UUID]):
             timestamp=domain_event.timestamp,
             actor=str(getattr(domain_event, "actor", "")),
             data=event_data(domain_event),
+            status=self.fold.after(domain_event).status,
         )
 
     def _find(self, job_id: UUID) -> TrainingJob | None:
@@ -146,16 +226,20 @@ class TrainingJobs(Application[UUID]):
         assert isinstance(job, TrainingJob)
         return job
 
-    @staticmethod
     def _same_request(
-        job: TrainingJob, job_name: str, description: str, config: dict[str, Any]
-    ) -> TrainingJob:
+        self, job: TrainingJob, job_name: str, description: str, config: dict[str, Any]
+    ) -> Accepted:
         if (job.job_name, job.description, job.config) != (job_name, description, config):
             raise IdempotencyConflictError("Idempotency-Key was already used for another job")
-        return job
+        return Accepted(job, self.recorder.max_notification_id() or 0)
 
 
 def event_data(domain_event: DomainEventProtocol[UUID]) -> dict[str, Any]:
     """The event's own payload, without the fields every event carries."""
     fields = vars(domain_event)
     return {k: v for k, v in fields.items() if k not in _ENVELOPE_FIELDS and k != "actor"}
+
+
+def last_position(recordings: Sequence[Recording[UUID]]) -> int:
+    """The highest store position among `recordings` (0 when there are none)."""
+    return max((r.notification.id for r in recordings), default=0)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from shared.application import StoredJobEvent
+from shared.domainmodel import RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Envelope(BaseModel):
     timestamp: datetime
     actor: str
     data: dict[str, Any]
+    status: str  # the job's status after the event, as the aggregate computed it
 
     @classmethod
     def of(cls, event: StoredJobEvent) -> Envelope:
@@ -73,6 +75,7 @@ class Envelope(BaseModel):
             timestamp=event.timestamp,
             actor=event.actor,
             data=event.data,
+            status=event.status,
         )
 
     @classmethod
@@ -87,6 +90,7 @@ class Envelope(BaseModel):
             timestamp=datetime.now(UTC),
             actor=worker,
             data=data,
+            status=RUNNING,
         )
 
 

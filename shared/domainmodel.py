@@ -100,6 +100,14 @@ class TrainingJob(Aggregate):
         self._archived(actor=actor)
         return True
 
+    def delete(self, actor: str) -> None:
+        """What DELETE means: a finished job is archived (nothing is ever deleted from the
+        store), an active one is cancelled. Afterwards `archived` says which happened."""
+        if self.status in TERMINAL:
+            self.archive(actor)
+        else:
+            self.request_cancel(actor)
+
     # Facts from trainers.
 
     def claim(self, worker: str, device: str, train_size: int, val_size: int) -> None:

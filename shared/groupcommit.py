@@ -6,13 +6,14 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import IntegrityError
 
 Events = Sequence[DomainEventProtocol[UUID]]
-_Pending = tuple[Events, "Future[None]"]
+_Pending = tuple[Events, "Future[int]"]
 
 
 class GroupCommit:
@@ -28,7 +29,7 @@ class GroupCommit:
     again one caller at a time, so only the duplicate fails.
     """
 
-    def __init__(self, save: Callable[..., object], max_batch: int, name: str) -> None:
+    def __init__(self, save: Callable[..., Any], max_batch: int, name: str) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._save, self.max_batch, self.name = save, max_batch, name
@@ -36,16 +37,16 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None
 
-    def save(self, aggregate: Aggregate) -> None:
-        """Save the aggregate's pending events; returns once they are committed."""
+    def save(self, aggregate: Aggregate) -> int:
+        """Save the aggregate's pending events; returns, once they are committed, the store
+        position of the last of them."""
         events = list(aggregate.collect_events())
         if self.max_batch == 1:
-            self._save(*events)
-            return
-        done: Future[None] = Future()
+            return _last_position(events, self._save(*events))
+        done: Future[int] = Future()
         self._queue.put((events, done))
         self._start_writer()
-        done.result()
+        return done.result()
 
     def _start_writer(self) -> None:
         with self._lock:
@@ -65,7 +66,7 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            self._save(*(event for events, _ in batch for event in events))
+            recordings = self._save(*(event for events, _ in batch for event in events))
         except IntegrityError as error:
             if len(batch) == 1:
                 batch[0][1].set_exception(error)
@@ -77,5 +78,13 @@ class GroupCommit:
             for _, done in batch:
                 done.set_exception(error)
             return
-        for _, done in batch:
-            done.set_result(None)
+        for events, done in batch:
+            done.set_result(_last_position(events, recordings))
+
+
+def _last_position(events: Events, recordings: Any) -> int:
+    """The highest store position that `recordings` (eventsourcing's `Recording`s) gave
+    to `events`."""
+    mine = {id(event) for event in events}
+    positions = [r.notification.id for r in recordings or () if id(r.domain_event) in mine]
+    return max(positions, default=0)

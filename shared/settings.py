@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         le=1000,
         description="new jobs saved in one transaction at most; 1: each alone",
     )
+    read_wait_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="how long a command answer (or a query naming a position) waits for the"
+        " read tables to show it; then 503",
+    )
     lease_seconds: float = Field(60.0, gt=0)
     stall_seconds: float = Field(
         900.0, gt=0, description="a training thread silent this long is treated as hung"

@@ -1,4 +1,7 @@
-"""How a job looks to readers: one mapping from the aggregate to a read row."""
+"""How a job looks to readers: one mapping from the aggregate to its read rows.
+
+The rows' fields are those declared in `shared/readmodel/shapes.py`, bound by name.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,16 @@ from datetime import datetime
 from typing import Any
 
 from shared.domainmodel import TrainingJob
-from shared.readmodel.schema import METRIC_COLUMNS
+from shared.readmodel.shapes import (
+    JOB_FIELDS,
+    JOB_METRIC_FIELDS,
+    JOB_TYPE,
+    METRIC_ROW_FIELDS,
+    EpochMetrics,
+)
 
 Row = dict[str, Any]
-METRIC_NAMES = METRIC_COLUMNS[2:-2]
+METRIC_NAMES = tuple(name for name in EpochMetrics.model_fields if name != "epoch")
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -27,11 +36,12 @@ def finite(value: Any) -> float | None:
 
 
 def job_row(job: TrainingJob, position: int) -> Row:
-    """The `training_jobs` row of a job's current state."""
+    """The `training_jobs` row of a job's current state (keys: `JobRow`'s fields)."""
     last = job.last_metrics
     total = max(job.total_epochs, 1)
     return {
         "id": str(job.id),
+        "job_type": JOB_TYPE,
         "job_name": job.job_name,
         "description": job.description,
         "status": job.status,
@@ -43,11 +53,7 @@ def job_row(job: TrainingJob, position: int) -> Row:
         "current_epoch": job.current_epoch,
         "total_epochs": job.total_epochs,
         "progress_percent": round(100.0 * job.current_epoch / total, 2),
-        "train_loss": finite(last.get("train_loss")),
-        "val_loss": finite(last.get("val_loss")),
-        "train_accuracy": finite(last.get("train_accuracy")),
-        "val_accuracy": finite(last.get("val_accuracy")),
-        "learning_rate": finite(last.get("learning_rate")),
+        **{name: finite(last.get(name)) for name in JOB_METRIC_FIELDS},
         "best_epoch": job.best_epoch,
         "best_val_loss": finite(job.best_val_loss),
         "checkpoint_path": job.checkpoint_path,
@@ -64,20 +70,23 @@ def job_row(job: TrainingJob, position: int) -> Row:
 
 
 def metric_row(job_id: str, metrics: dict[str, Any], recorded_at: datetime, position: int) -> Row:
-    """The `training_metrics` row of one `EpochCompleted`."""
+    """The `training_metrics` row of one `EpochCompleted` (keys: `METRIC_COLUMNS`).
+
+    Metrics an older event does not carry are null."""
     row: Row = {"job_id": job_id, "epoch": int(metrics["epoch"])}
     row.update({name: finite(metrics.get(name)) for name in METRIC_NAMES})
-    row.update({"recorded_at": iso(recorded_at), "position": position})
+    row.update(recorded_at=iso(recorded_at), timestamp=iso(recorded_at), position=position)
     return row
 
 
 def job_json(row: Row) -> Row:
-    """A read row as the api returns it (config parsed, flags as booleans)."""
-    out = {k: v for k, v in row.items() if k not in ("position", "worker", "submitted_by")}
+    """A read row as the api returns it (`JobView`: config parsed, flags as booleans)."""
+    out = {name: row[name] for name in JOB_FIELDS}
     out["config"] = json.loads(row["config"])
     out["archived"] = bool(row["archived"])
     return out
 
 
 def metric_json(row: Row) -> Row:
-    return {k: v for k, v in row.items() if k not in ("job_id", "position")}
+    """A `training_metrics` row as the api returns it (`MetricRow`)."""
+    return {name: row[name] for name in METRIC_ROW_FIELDS}

@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.api import errors
 from services.api.auth import RequireKey, SocketGate
 from services.api.deps import ApiContext
+from services.api.freshness import NotReadableYetError, not_readable_yet
 from services.api.hub import Hub
 from services.api.limits import BodyLimit
 from services.api.metrics import HttpMetrics
@@ -62,6 +63,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         )
     app.add_middleware(HttpMetrics)
     errors.install(app)
+    app.add_exception_handler(NotReadableYetError, not_readable_yet)
     for module in (jobs, events, health, ws):
         app.include_router(module.router)
     dashboard.install(app)

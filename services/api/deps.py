@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Query, Request
 
 from services.api.auth import OperatorDep
 from services.api.availability import DatabaseWatch
+from services.api.commands import Commands
+from services.api.freshness import ReadFreshness
 from shared.application import JobNotFoundError, TrainingJobs
 from shared.bus import Bus
 from shared.readmodel.store import ReadStore
@@ -19,14 +20,20 @@ from shared.settings import Settings
 
 @dataclass
 class ApiContext:
-    """The api's collaborators: the event store app, the read store and the bus."""
+    """The api's collaborators: the event store app, the read store and the bus; the
+    commands run through `commands`, which answer once the read tables show them."""
 
     settings: Settings
     jobs: TrainingJobs
     reads: ReadStore
     bus: Bus
-    after_command: Callable[[], None] = field(default=lambda: None)
+    freshness: ReadFreshness = field(init=False)
+    commands: Commands = field(init=False)
     watch: DatabaseWatch | None = None  # PostgreSQL only: SQLite is a local file
+
+    def __post_init__(self) -> None:
+        self.freshness = ReadFreshness(self.reads, self.settings.read_wait_seconds)
+        self.commands = Commands(self.jobs, self.freshness)
 
 
 def context_of(request: Request) -> ApiContext:
@@ -63,6 +70,27 @@ def job_id_of(job_id: str) -> UUID:
 
 async def parse_job_id(job_id: str) -> UUID:
     return job_id_of(job_id)
+
+
+MAX_POSITION = 2**63 - 1
+
+
+async def read_after(
+    request: Request,
+    min_position: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_POSITION, description="answer once the read tables hold it"),
+    ] = None,
+    heimdall_position: Annotated[
+        int | None,
+        Header(ge=0, le=MAX_POSITION, description="the same as ?min_position="),
+    ] = None,
+) -> None:
+    """A query that names a store position (a command's answer gave it) answers once the
+    read tables have reached it, or 503 after `read_wait_seconds`."""
+    wanted = max(min_position or 0, heimdall_position or 0)
+    if wanted:
+        await context_of(request).freshness.require(wanted)
 
 
 ContextDep = Annotated[ApiContext, Depends(get_context)]

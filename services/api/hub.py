@@ -44,6 +44,7 @@ def event_message(envelope: Envelope) -> Message:
     if envelope.routing_key != TELEMETRY_KEY:
         message["position"] = envelope.position
     message["timestamp"] = envelope.timestamp.isoformat()
+    message["status"] = envelope.status
     message["data"] = envelope.data
     return message
 
@@ -59,13 +60,15 @@ def error_message(detail: str) -> Message:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One encoded message for clients; `position` is None for telemetry."""
+    """One encoded message for clients; `position` is None for telemetry; `status` is the
+    job's status after the event."""
 
     text: str
     job_id: str
     kind: str
     version: int
     position: int | None
+    status: str
 
     @classmethod
     def of(cls, envelope: Envelope) -> Outgoing:
@@ -76,6 +79,7 @@ class Outgoing:
             kind=envelope.kind,
             version=envelope.version,
             position=None if telemetry else envelope.position,
+            status=envelope.status,
         )
 
 

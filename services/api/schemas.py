@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.application import StoredJobEvent
 from shared.bus import routing_key, websocket_event
 from shared.config import JobConfig
+from shared.readmodel.shapes import JobView, MetricRow
+
+__all__ = ["Job", "MetricRow"]
 
 
 class SubmitJob(BaseModel):
@@ -20,59 +23,20 @@ class SubmitJob(BaseModel):
     config: JobConfig = Field(default_factory=JobConfig)
 
 
-class Job(BaseModel):
-    id: str
-    job_name: str
-    description: str
-    status: str
-    config: dict[str, Any]
-    created_at: str
-    updated_at: str
-    started_at: str | None
-    completed_at: str | None
-    current_epoch: int
-    total_epochs: int
-    progress_percent: float
-    train_loss: float | None
-    val_loss: float | None
-    train_accuracy: float | None
-    val_accuracy: float | None
-    learning_rate: float | None
-    best_epoch: int | None
-    best_val_loss: float | None
-    checkpoint_path: str | None
-    model_path: str | None
-    error_message: str | None
-    attempt: int
-    model_architecture: str
-    archived: bool
-    version: int
+Job = JobView
 
 
-class CommandResult(Job):
-    job_id: str
-    message: str
+class CommandResult(JobView):
+    """A command's answer: the job after it, as the Heimdall frontend reads it."""
+
+    job_id: str = Field(description="the same as id")
+    message: str = Field(description="what happened, for people")
+    position: int = Field(description="store position of the command's last event")
 
 
 class JobList(BaseModel):
     jobs: list[Job]
     total: int
-
-
-class MetricRow(BaseModel):
-    epoch: int
-    train_loss: float | None
-    val_loss: float | None
-    train_accuracy: float | None
-    val_accuracy: float | None
-    learning_rate: float | None
-    gradient_norm: float | None
-    val_distance_p50_m: float | None
-    val_distance_p95_m: float | None
-    val_rmse_m: float | None
-    epoch_seconds: float | None
-    samples_per_second: float | None
-    recorded_at: str
 
 
 class JobDetail(BaseModel):
@@ -90,6 +54,7 @@ class EventOut(BaseModel):
     timestamp: datetime
     actor: str
     data: dict[str, Any]
+    status: str = Field(description="the job's status after this event")
 
     @classmethod
     def of(cls, stored: StoredJobEvent) -> EventOut:
@@ -102,6 +67,7 @@ class EventOut(BaseModel):
             timestamp=stored.timestamp,
             actor=stored.actor,
             data=stored.data,
+            status=stored.status,
         )
 
 
@@ -121,6 +87,8 @@ class ErrorOut(BaseModel):
     detail: Any
     status: str | None = None
     errors: list[Any] | None = None
+    position: int | None = Field(None, description="503: the store position to read after")
+    stored: bool | None = Field(None, description="503: whether the command is stored")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -130,5 +98,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no job has this id"},
     409: {"model": ErrorOut, "description": "the job's status does not allow this"},
     413: {"model": ErrorOut, "description": "the body is too large"},
-    503: {"model": ErrorOut, "description": "the store is unavailable; see Retry-After"},
+    503: {
+        "model": ErrorOut,
+        "description": "the store is unavailable, or the read tables have not reached the"
+        " position yet; see Retry-After",
+    },
 }

@@ -25,7 +25,7 @@ from services.api.hub import Hub, Message, Outgoing, Subscription, encode, error
 from services.api.hub import status_message as status
 from shared.application import JobNotFoundError, StoredJobEvent
 from shared.bus import Envelope
-from shared.domainmodel import TERMINAL, TrainingJob
+from shared.domainmodel import TERMINAL
 from shared.views import job_json, job_row
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ REPLAY_PAGE = 500
 ACTIVE_LIMIT = 500
 # How long a client that fell behind gets to read the error before it is dropped.
 OVERFLOW_GRACE_SECONDS = 30.0
-# Terminal whatever came before.
-TERMINAL_KINDS = frozenset({"Completed", "Failed", "Cancelled"})
-# Terminal depending on the state before: cancelling a queued job, losing the last attempt.
-MAYBE_TERMINAL_KINDS = frozenset({"CancelRequested", "WorkerLost"})
 CLOSE_NORMAL, CLOSE_ERROR, CLOSE_TRY_AGAIN, CLOSE_NOT_FOUND = 1000, 1011, 1013, 4404
 CLOSE_TOO_BIG = 1009
 
@@ -124,12 +120,14 @@ class LiveSession:
     async def _start(self) -> None:
         """`connected`, then the status; without `?after=`, events after that status follow."""
         start: int | None = None
+        # The cap first: an event projected meanwhile is replayed (and maybe also in the
+        # statuses), never lost between the two reads.
+        self.cap = (await asyncio.to_thread(self.context.reads.positions))["projected"]
         if self.job_id is None:
             views = await asyncio.to_thread(self._active_jobs)
         else:
             view, start = await asyncio.to_thread(self._job_view, self.job_id)
             views = [view]
-        self.cap = (await asyncio.to_thread(self.context.reads.positions))["projected"]
         default = self.cap if start is None else start
         self.last = default if self.after is None else self.after
         connected = {"event": "connected", "job_id": _str(self.job_id), "timestamp": now()}
@@ -155,11 +153,7 @@ class LiveSession:
         if item.position is None:
             return False
         self.last = item.position
-        if self.job_id is None or item.kind not in TERMINAL_KINDS | MAYBE_TERMINAL_KINDS:
-            return False
-        if item.kind in TERMINAL_KINDS:
-            return True
-        return await asyncio.to_thread(self._status_after, item.version) in TERMINAL
+        return self.job_id is not None and item.status in TERMINAL
 
     async def _read(self) -> None:
         """Answer the client's messages; returns when it disconnects."""
@@ -195,12 +189,6 @@ class LiveSession:
         assert self.job_id is not None
         row = self.context.reads.get_job(str(self.job_id))
         return row is not None and row["status"] in TERMINAL and int(row["position"]) <= self.last
-
-    def _status_after(self, version: int) -> str:
-        assert self.job_id is not None
-        job: Any = self.context.jobs.repository.get(self.job_id, version=version)
-        assert isinstance(job, TrainingJob)
-        return job.status
 
 
 def reply(message: Mapping[str, Any]) -> Message:

@@ -39,6 +39,8 @@ class Projector:
         self._wake = asyncio.Event()
         self._published_wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Told each projected position, on the event loop (an embedded api's read waits).
+        self.projected_hooks: list[Callable[[int], None]] = []
 
     def wake(self) -> None:
         """Look at the store now; safe from any thread (the embedded api's routes)."""
@@ -70,6 +72,8 @@ class Projector:
             if await asyncio.to_thread(self.projection.process, notification):
                 EVENTS_PROJECTED.inc()
                 log.debug("projected position %d", notification.id)
+            for hook in self.projected_hooks:
+                hook(notification.id)
         except Exception as error:
             log.warning("projecting position %d failed: %r", notification.id, error)
             raise

@@ -7,12 +7,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from shared.readmodel.schema import DDL, JOB_COLUMNS, METRIC_COLUMNS, upsert
+from shared.readmodel.schema import (
+    DDL,
+    READ_DDL,
+    READ_SHAPE,
+    READ_TABLES,
+)
 
 Row = dict[str, Any]
-
-UPSERT_JOB = upsert("training_jobs", JOB_COLUMNS, ("id",))
-UPSERT_METRIC = upsert("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"))
 
 
 class Tx(Protocol):
@@ -54,8 +56,23 @@ class ReadStore(ABC):
     def close(self) -> None: ...
 
     def create_tables(self) -> None:
+        """Create what is missing. Read tables of another shape (a field was added to
+        `shared/readmodel/shapes.py`) are dropped and the projected position reset, so the
+        projector rebuilds them from the store; the published position is kept."""
         with self.transaction() as tx:
-            for statement in DDL:
+            for statement in DDL[len(READ_DDL) :]:
+                tx.execute(statement)
+            found = tx.fetchall("SELECT digest FROM read_shape WHERE name = 'read'")
+            if not found or found[0]["digest"] != READ_SHAPE:
+                for table in READ_TABLES:
+                    tx.execute(f"DROP TABLE IF EXISTS {table}")
+                tx.execute("UPDATE projector_positions SET position = 0 WHERE name = 'projected'")
+                tx.execute(
+                    "INSERT INTO read_shape VALUES ('read', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET digest = excluded.digest",
+                    [READ_SHAPE],
+                )
+            for statement in READ_DDL:
                 tx.execute(statement)
 
     def list_jobs(

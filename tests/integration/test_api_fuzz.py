@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
 from services.api.app import create_app
+from services.projector.runner import Projector
 from services.runtime import build_api
+from shared.bus import InProcessBus
 from shared.settings import Settings
 
 _folder = Path(tempfile.mkdtemp(prefix="heimdall-fuzz-"))
@@ -21,6 +25,12 @@ _context, _ = build_api(
     Settings(data_dir=_folder, api_keys=f"fuzz:{_key}:operator"), with_projector=False
 )
 _context.jobs.submit("seed", "", {"epochs": 1}, "fuzz")
+# Commands answer once their effect is readable: a projector follows the store beside the
+# app (on its own loop: schemathesis does not run the app's lifespan).
+_projector = Projector(_context.jobs, _context.reads, InProcessBus(), poll_seconds=0.01)
+threading.Thread(
+    target=lambda: asyncio.run(_projector.run_forever(asyncio.Event())), daemon=True
+).start()
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_context))
 
 

@@ -33,7 +33,7 @@ def submit_together(app: TrainingJobs, n: int, key: str | None = None) -> list[s
     def one(i: int) -> str:
         start.wait(10)
         name = "job" if key else f"job-{i}"  # a repeated key must repeat the request
-        job = app.submit(name, "", {"epochs": 2}, "tester", idempotency_key=key)
+        job = app.submit(name, "", {"epochs": 2}, "tester", idempotency_key=key).job
         return str(job.id)
 
     with ThreadPoolExecutor(n) as pool:

@@ -70,7 +70,7 @@ def test_projector_and_trainer_serve_their_metrics_and_log_json_with_the_job_id(
 ) -> None:
     (projector, projector_port), (trainer, trainer_port) = processes.values()
     jobs, reads = build_app(cluster_settings), build_read_store(cluster_settings)
-    job = jobs.submit("observed", "", tiny_config(epochs=2), "tester")
+    job = jobs.submit("observed", "", tiny_config(epochs=2), "tester").job
     job_id, worker = str(job.id), f"trainer-{trainer_port}"
 
     def finished() -> bool:

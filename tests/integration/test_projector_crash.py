@@ -112,7 +112,7 @@ def start_jobs(app: TrainingJobs) -> list[UUID]:
     config = {"epochs": 5000, "model_architecture": "resnet18"}
     jobs = []
     for i in range(JOBS):
-        job_id = app.submit(f"crash-{i}-{uuid.uuid4().hex[:6]}", "", config, "alice").id
+        job_id = app.submit(f"crash-{i}-{uuid.uuid4().hex[:6]}", "", config, "alice").job.id
         app.change(job_id, lambda job: job.claim("t1", "cpu", 80, 20))
         jobs.append(job_id)
     return jobs

@@ -35,6 +35,7 @@ def envelope(position: int, kind: str = "Submitted") -> Envelope:
         timestamp=datetime.now(UTC),
         actor="test",
         data={},
+        status="queued",
     )
 
 

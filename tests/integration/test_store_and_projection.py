@@ -42,7 +42,7 @@ def store(settings: Settings) -> Iterator[Store]:
 
 def submit(app: TrainingJobs, epochs: int = 4, max_attempts: int = 3) -> UUID:
     config = {"epochs": epochs, "max_attempts": max_attempts, "model_architecture": "resnet18"}
-    return app.submit(f"job-{uuid.uuid4().hex[:6]}", "", config, "alice").id
+    return app.submit(f"job-{uuid.uuid4().hex[:6]}", "", config, "alice").job.id
 
 
 def epoch(worker: str, attempt: int, n: int, best: bool = False) -> Callable[[TrainingJob], None]:
@@ -90,9 +90,9 @@ def last_position(app: TrainingJobs, job_id: UUID) -> int:
 
 
 def test_every_2xx_command_is_in_the_store(settings: Settings) -> None:
-    context, _ = build_api(settings, with_projector=False)
+    context, background = build_api(settings, with_projector=True)  # commands await it
     jobs = context.jobs
-    with TestClient(create_app(context)) as client:
+    with TestClient(create_app(context, background)) as client:
         submitted = client.post(f"{API}/jobs", json={"job_name": "a", "config": {"epochs": 2}})
         assert submitted.status_code == 201
         job_id = submitted.json()["id"]

@@ -94,7 +94,6 @@ class Api:
     def trainer(self, job_id: str, command: Callable[[TrainingJob], object]) -> None:
         """What a trainer would append, written straight to the store."""
         self.context.jobs.change(uuid.UUID(job_id), command)
-        self.context.after_command()
 
     def start(self, job_id: str) -> None:
         self.trainer(job_id, lambda job: job.claim(TRAINER, "cpu", 80, 20))

@@ -115,7 +115,7 @@ def test_open_routes_need_no_key(client: TestClient) -> None:
 
 
 def test_without_keys_everyone_is_anonymous(sqlite_settings: Settings) -> None:
-    context, background = build_api(sqlite_settings, with_projector=False)
+    context, background = build_api(sqlite_settings, with_projector=True)
     with TestClient(create_app(context, background)) as client:
         job_id = client.post(f"{API}/jobs", json=JOB).json()["id"]
         events = client.get(f"{API}/jobs/{job_id}/events").json()["events"]

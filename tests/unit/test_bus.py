@@ -76,6 +76,7 @@ def test_envelope_of_a_stored_event() -> None:
         timestamp=datetime.now(UTC),
         actor="t1",
         data={"epoch": 2},
+        status="paused",
     )
     envelope = Envelope.of(stored)
     assert (envelope.position, envelope.job_id, envelope.routing_key) == (
@@ -96,6 +97,7 @@ def envelope(position: int, kind: str) -> Envelope:
         timestamp=datetime.now(UTC),
         actor="test",
         data={},
+        status="queued",
     )
 
 

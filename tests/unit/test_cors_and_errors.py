@@ -19,8 +19,8 @@ FRONTEND = "https://heimdall.example.org"
 
 def app_client(settings: Settings, **update: object) -> TestClient:
     configured = Settings.model_validate({**settings.model_dump(), **update})
-    context, _ = build_api(configured, with_projector=False)
-    return TestClient(create_app(context), raise_server_exceptions=False)
+    context, background = build_api(configured, with_projector=True)  # commands await it
+    return TestClient(create_app(context, background), raise_server_exceptions=False)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ def stored(position: int, kind: str, job_id: str, **data: Any) -> Envelope:
         timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
         actor="tester",
         data=data,
+        status="queued",
     )
 
 
@@ -98,7 +99,7 @@ def test_event_messages_are_strict_json_with_the_contract_fields() -> None:
     job = str(uuid.uuid4())
     envelope = stored(7, "EpochCompleted", job, metrics={"val_loss": float("nan")}, epoch=2)
     message = json.loads(Outgoing.of(envelope).text)
-    assert set(message) == {"event", "job_id", "position", "timestamp", "data"}
+    assert set(message) == {"event", "job_id", "position", "timestamp", "status", "data"}
     assert message["event"] == "training_progress" and message["position"] == 7
     assert message["data"]["metrics"]["val_loss"] is None
     assert message["timestamp"] == "2026-01-02T03:04:05+00:00"

@@ -80,7 +80,7 @@ async def test_the_projectors_lines_carry_the_job_id(
     restore_logging: None, capsys: pytest.CaptureFixture[str], sqlite_settings: Settings
 ) -> None:
     jobs, reads = build_app(sqlite_settings), build_read_store(sqlite_settings)
-    job = jobs.submit("logged", "", {"epochs": 1}, "tester")
+    job = jobs.submit("logged", "", {"epochs": 1}, "tester").job
     configure_logging("json", "DEBUG")
     assert await Projector(jobs, reads, InProcessBus()).project_pending() == 1
     records = lines(capsys.readouterr().err)

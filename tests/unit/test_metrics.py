@@ -79,8 +79,8 @@ def test_jobs_by_status_and_projector_lag_are_read_at_scrape_time(
     api: tuple[TestClient, ApiContext],
 ) -> None:
     client, context = api
-    for _ in range(2):
-        submit(client)
+    for _ in range(2):  # straight to the store: an api command would wait for a projector
+        context.jobs.submit("lagging", "", {"epochs": 1}, "tester")
     samples = scrape(client)
     assert value(samples, "heimdall_store_position") == 2
     assert value(samples, "heimdall_projector_position", stage="projected") == 0

@@ -41,6 +41,7 @@ def envelope(position: int, kind: str) -> Envelope:
         timestamp=datetime.now(UTC),
         actor="test",
         data={"epoch": position},
+        status="queued",
     )
 
 

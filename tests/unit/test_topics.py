@@ -21,7 +21,7 @@ print(",".join(e.kind for e in app.feed(0, 100)))
 
 def test_a_fresh_process_decodes_every_event_kind(tmp_path: Path) -> None:
     app = build_app(Settings(data_dir=tmp_path))
-    job = app.submit("topics", "", {"epochs": 2, "max_attempts": 1}, "tester")
+    job = app.submit("topics", "", {"epochs": 2, "max_attempts": 1}, "tester").job
     app.pause(job.id, "tester")
     app.resume(job.id, "tester")
     app.change(job.id, lambda j: j.claim("w", "cpu", 8, 2))

@@ -49,10 +49,13 @@ def test_messages_move_the_bar_and_the_last_position_and_decide_the_exit_code() 
         assert watcher.epoch == 1.5 and watcher.fields["eta"] == "1m15s"
         metrics = {"val_loss": 0.2, "val_distance_p50_m": 1234.4}
         epoch = {"epoch": 2, "total_epochs": 3, "metrics": metrics}
-        watcher.handle({"event": "training_progress", "position": 9, "data": epoch})
+        progress_message = {"event": "training_progress", "position": 9, "data": epoch}
+        watcher.handle({**progress_message, "status": "running"})
         assert watcher.last == 9 and watcher.fields["p50"] == "1234 m"
         failed = {"error": "CUDA out of memory", "error_type": "RuntimeError"}
-        watcher.handle({"event": "training_failed", "position": 12, "data": failed})
+        watcher.handle(
+            {"event": "training_failed", "position": 12, "status": "failed", "data": failed}
+        )
     assert watcher.outcome() == 1 and watcher.last == 12
     assert "CUDA out of memory" in watcher.verdict()
 

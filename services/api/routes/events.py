@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from services.api.auth import current_client
-from services.api.deps import ContextDep, JobIdDep, require_database
+from services.api.deps import ContextDep, JobIdDep, read_after, require_database
 from services.api.schemas import ERROR_RESPONSES, EventOut, EventPage
 
 router = APIRouter(
     prefix="/api/v1/training",
     tags=["events"],
     responses=ERROR_RESPONSES,
-    dependencies=[Depends(current_client), Depends(require_database)],
+    dependencies=[Depends(current_client), Depends(require_database), Depends(read_after)],
 )
 After = Annotated[
     int, Query(ge=0, le=2**63 - 1, description="only events after this store position")

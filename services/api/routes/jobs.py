@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, TypeAdapter
 
 from services.api.auth import current_client
-from services.api.deps import ActorDep, ContextDep, JobIdDep, require_database
+from services.api.deps import ActorDep, ContextDep, JobIdDep, read_after, require_database
+from services.api.freshness import POSITION_HEADER
 from services.api.schemas import (
     ERROR_RESPONSES,
     CommandResult,
@@ -18,8 +19,8 @@ from services.api.schemas import (
     MetricRow,
     SubmitJob,
 )
-from shared.application import JobNotFoundError
-from shared.domainmodel import STATUSES, TERMINAL, TrainingJob
+from shared.application import Accepted, JobNotFoundError
+from shared.domainmodel import STATUSES
 from shared.views import job_json, job_row, metric_json
 
 router = APIRouter(
@@ -28,6 +29,8 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
     dependencies=[Depends(current_client), Depends(require_database)],
 )
+# Queries answer once the read tables reach the position a client names (if any).
+READ_AFTER = [Depends(read_after)]
 StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
 RECENT_METRICS = 10
 # Big answers are validated and written by pydantic-core in one pass, not model by model.
@@ -40,31 +43,32 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code, media_type=JSON)
 
 
-def command_result(job: TrainingJob, message: str) -> CommandResult:
-    view = job_json(job_row(job, position=0))
-    return CommandResult(**view, job_id=str(job.id), message=message)
+def command_result(accepted: Accepted, message: str, status_code: int = 202) -> Response:
+    """The job after the command, with the command's position in the body and a header."""
+    job = accepted.job
+    view = job_json(job_row(job, position=accepted.position))
+    result = CommandResult(**view, job_id=str(job.id), message=message, position=accepted.position)
+    response = _json(result, status_code)
+    response.headers[POSITION_HEADER] = str(accepted.position)
+    return response
 
 
-@router.post("/jobs", status_code=201, response_model=Job)
-def submit_job(
+@router.post("/jobs", status_code=201, response_model=CommandResult)
+async def submit_job(
     body: SubmitJob,
     context: ContextDep,
     actor: ActorDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
-    job = context.jobs.submit(
-        body.job_name,
-        body.description,
-        body.config.model_dump(mode="json"),
-        actor,
-        idempotency_key=idempotency_key,
+    config = body.config.model_dump(mode="json")
+    accepted = await context.commands.submit(
+        body.job_name, body.description, config, actor, idempotency_key
     )
-    context.after_command()
-    return _json(Job(**job_json(job_row(job, position=0))), 201)
+    return command_result(accepted, "job queued", 201)
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", response_model=JobList, dependencies=READ_AFTER)
 def list_jobs(
     context: ContextDep,
     status: StatusQuery = None,
@@ -77,7 +81,7 @@ def list_jobs(
     return _json(JobList.model_validate({"jobs": [job_json(r) for r in rows], "total": total}))
 
 
-@router.get("/jobs/{job_id}", response_model=JobDetail)
+@router.get("/jobs/{job_id}", response_model=JobDetail, dependencies=READ_AFTER)
 def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetail:
     """One job with its latest metrics and where to watch it live."""
     row = context.reads.get_job(str(job_id))
@@ -93,7 +97,7 @@ def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetai
     )
 
 
-@router.get("/jobs/{job_id}/metrics", response_model=list[MetricRow])
+@router.get("/jobs/{job_id}/metrics", response_model=list[MetricRow], dependencies=READ_AFTER)
 def job_metrics(
     job_id: JobIdDep,
     context: ContextDep,
@@ -104,6 +108,7 @@ def job_metrics(
     if rows is None:  # not projected yet, or not a job at all (404)
         context.jobs.get_job(job_id)
         rows = []
+    rows = [metric_json(row) for row in rows]
     return Response(METRIC_ROWS.dump_json(METRIC_ROWS.validate_python(rows)), media_type=JSON)
 
 
@@ -111,30 +116,27 @@ def job_metrics(
 @router.post(
     "/pause/{job_id}", status_code=202, response_model=CommandResult, include_in_schema=False
 )
-def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+async def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Pause at the next step boundary (a queued job pauses at once)."""
-    job = context.jobs.pause(job_id, actor)
-    context.after_command()
-    return command_result(job, f"pause requested; job is {job.status}")
+    accepted = await context.commands.pause(job_id, actor)
+    return command_result(accepted, f"pause requested; job is {accepted.job.status}")
 
 
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=CommandResult)
 @router.post(
     "/resume/{job_id}", status_code=202, response_model=CommandResult, include_in_schema=False
 )
-def resume_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+async def resume_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Queue a paused job again; it resumes from its checkpoint."""
-    job = context.jobs.resume(job_id, actor)
-    context.after_command()
-    return command_result(job, "resume requested; job is queued")
+    accepted = await context.commands.resume(job_id, actor)
+    return command_result(accepted, "resume requested; job is queued")
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CommandResult)
-def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> CommandResult:
+async def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Cancel (idempotent); a running job stops at the next step boundary."""
-    job = context.jobs.cancel(job_id, actor)
-    context.after_command()
-    return command_result(job, f"cancel requested; job is {job.status}")
+    accepted = await context.commands.cancel(job_id, actor)
+    return command_result(accepted, f"cancel requested; job is {accepted.job.status}")
 
 
 @router.delete(
@@ -143,10 +145,10 @@ def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Comman
     response_model=CommandResult,
     responses={204: {"description": "finished job archived"}},
 )
-def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response | CommandResult:
+async def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """An active job is cancelled; a finished one is archived (nothing is ever deleted)."""
-    if context.jobs.get_job(job_id).status in TERMINAL:
-        context.jobs.archive(job_id, actor)
-        context.after_command()
-        return Response(status_code=204)
-    return cancel_job(job_id, context, actor)
+    accepted = await context.commands.delete(job_id, actor)
+    if accepted.job.archived:
+        headers = {POSITION_HEADER: str(accepted.position)}
+        return Response(status_code=204, headers=headers)
+    return command_result(accepted, f"cancel requested; job is {accepted.job.status}")

@@ -2,8 +2,6 @@
 "use strict";
 
 const API = "/api/v1/training";
-const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-const TERMINAL_EVENTS = new Set(["training_completed", "training_failed", "training_cancelled"]);
 const $ = (id) => document.getElementById(id);
 const state = { jobs: [], selected: null, job: null, metrics: new Map(), step: null, socket: null };
 
@@ -74,8 +72,9 @@ class LiveSocket {
     ws.onmessage = (message) => this.receive(message.data);
     ws.onclose = (event) => {
       clearInterval(this.pinger);
-      // 4xxx: the server refused this request (unknown job, bad query, no key): retrying won't help.
-      if (event.code >= 4000 && event.code < 5000) this.stopped = true;
+      // 1000: the job ended (the server closes after its terminal event); 4xxx: the server
+      // refused this request (unknown job, bad query, no key). Retrying helps neither.
+      if (event.code === 1000 || (event.code >= 4000 && event.code < 5000)) this.stopped = true;
       this.onState(false, event.reason);
       if (this.stopped) return;
       setTimeout(() => this.stopped || this.open(), this.delay);
@@ -275,7 +274,6 @@ function showJob(job) {
   const best = job.best_epoch ? ` · best val loss ${fmt(job.best_val_loss)} at epoch ${job.best_epoch}` : "";
   const failure = job.error_message ? ` · ${job.error_message}` : "";
   $("d-summary").textContent = `${job.model_architecture} · attempt ${job.attempt}${best}${failure}`;
-  if (TERMINAL.has(job.status) && state.socket) state.socket.stop();
   renderProgress();
 }
 
@@ -291,7 +289,10 @@ function onJobEvent(message) {
     state.metrics.set(metrics.epoch, metrics);
     drawCharts();
   }
-  if (TERMINAL_EVENTS.has(message.event)) state.socket.stop();
+  // Every stored event carries the status the domain computed after it: show it at once.
+  if (message.status && state.job && Number.isInteger(message.position)) {
+    showJob({ ...state.job, status: message.status });
+  }
   if (String(message.event).startsWith("training_")) reloadJob();
 }
 

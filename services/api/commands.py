@@ -1,0 +1,59 @@
+"""People's commands as the api runs them: each use case of the application on a worker
+thread, answered only once the read tables show its effect (read-your-writes).
+
+Routes reach the application's commands only through this class, so the wait cannot be
+forgotten by a route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ParamSpec
+from uuid import UUID
+
+from starlette.concurrency import run_in_threadpool
+
+from services.api.freshness import ReadFreshness
+from shared.application import Accepted, TrainingJobs
+
+P = ParamSpec("P")
+
+
+class Commands:
+    """`submit`, `pause`, `resume`, `cancel` and `delete`, each returning `Accepted`."""
+
+    def __init__(self, jobs: TrainingJobs, freshness: ReadFreshness) -> None:
+        self.jobs, self.freshness = jobs, freshness
+
+    async def submit(
+        self,
+        job_name: str,
+        description: str,
+        config: dict[str, Any],
+        actor: str,
+        idempotency_key: str | None,
+    ) -> Accepted:
+        return await self._run(
+            self.jobs.submit, job_name, description, config, actor, idempotency_key
+        )
+
+    async def pause(self, job_id: UUID, actor: str) -> Accepted:
+        return await self._run(self.jobs.pause, job_id, actor)
+
+    async def resume(self, job_id: UUID, actor: str) -> Accepted:
+        return await self._run(self.jobs.resume, job_id, actor)
+
+    async def cancel(self, job_id: UUID, actor: str) -> Accepted:
+        return await self._run(self.jobs.cancel, job_id, actor)
+
+    async def delete(self, job_id: UUID, actor: str) -> Accepted:
+        return await self._run(self.jobs.delete, job_id, actor)
+
+    async def _run(
+        self, use_case: Callable[P, Accepted], *args: P.args, **kwargs: P.kwargs
+    ) -> Accepted:
+        """The use case (on the thread pool: eventsourcing is synchronous), then the wait
+        for its position in the read tables."""
+        accepted = await run_in_threadpool(use_case, *args, **kwargs)
+        await self.freshness.require(accepted.position, stored=True)
+        return accepted

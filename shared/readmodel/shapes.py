@@ -1,0 +1,153 @@
+"""The shapes readers see, each declared once: an epoch's metrics and a job's read row.
+
+Everything else binds to these classes by field name: the read tables' columns and DDL
+(`shared/readmodel/schema.py`), the REST schemas, the WebSocket `data`, what the trainer
+records in `EpochCompleted`, the CLI's tables and the dashboard (which reads the REST
+schemas from `/openapi.json`). Adding a metric is one field here plus its computation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+JOB_TYPE: Literal["training"] = "training"
+
+
+class EpochMetrics(BaseModel):
+    """One epoch's metrics as the trainer records them (`EpochCompleted.metrics`).
+
+    Losses are the Gaussian negative log-likelihood of the normalised position, with the
+    constant dropped: it goes negative once the model is confident and right. Distances
+    are great-circle metres between predicted and true transmitter positions.
+    """
+
+    epoch: int = Field(description="1-based epoch number")
+    train_loss: float | None = Field(
+        None, description="mean Gaussian NLL over the epoch's training samples (can be < 0)"
+    )
+    val_loss: float | None = Field(None, description="mean Gaussian NLL on the validation split")
+    train_accuracy: float | None = Field(
+        None, description="share (0..1) of training predictions within accuracy_radius_m"
+    )
+    val_accuracy: float | None = Field(
+        None, description="share (0..1) of validation predictions within accuracy_radius_m"
+    )
+    learning_rate: float | None = Field(None, description="learning rate at the epoch's last step")
+    gradient_norm: float | None = Field(
+        None, description="mean pre-clipping L2 gradient norm per training step"
+    )
+    train_rmse_m: float | None = Field(
+        None, description="root mean square training distance error, metres"
+    )
+    val_distance_p50_m: float | None = Field(
+        None, description="median validation distance error, metres"
+    )
+    val_distance_p68_m: float | None = Field(
+        None, description="68th percentile of validation distance error, metres (the KPI)"
+    )
+    val_distance_p95_m: float | None = Field(
+        None, description="95th percentile of validation distance error, metres"
+    )
+    val_rmse_m: float | None = Field(
+        None, description="root mean square validation distance error, metres"
+    )
+    mean_predicted_uncertainty_m: float | None = Field(
+        None,
+        description="mean over validation samples of the model's own 1-sigma radius, metres:"
+        " sqrt of the predicted variance of latitude plus longitude, scaled to metres",
+    )
+    uncertainty_calibration_error: float | None = Field(
+        None,
+        description="|share of validation truths inside the predicted 68 % region - 0.68|;"
+        " 0 is perfectly calibrated",
+    )
+    epoch_seconds: float | None = Field(
+        None, description="seconds spent training and validating this epoch"
+    )
+    epoch_duration_seconds: float | None = Field(
+        None,
+        description="wall-clock seconds from the end of the previous epoch (or the attempt's"
+        " start) to this epoch's record: data, steps, validation and waiting included",
+    )
+    samples_per_second: float | None = Field(
+        None, description="training samples per second over the epoch's steps"
+    )
+
+
+class MetricRow(EpochMetrics):
+    """One epoch of a job as the api returns it (`training_metrics` adds job_id, position)."""
+
+    recorded_at: str = Field(description="when the epoch was recorded, ISO-8601 UTC")
+    timestamp: str = Field(description="the same moment as recorded_at (the frontend's name)")
+
+
+class JobView(BaseModel):
+    """A job as the api returns it (`GET /jobs`, `GET /jobs/{id}`, WebSocket status)."""
+
+    id: str = Field(description="the job's id (a UUID)")
+    job_type: Literal["training"] = Field(JOB_TYPE, description="always `training`")
+    job_name: str
+    description: str
+    status: str = Field(description="the status the domain computed after the last event")
+    config: dict[str, Any] = Field(description="the validated job config")
+    created_at: str = Field(description="ISO-8601 UTC")
+    updated_at: str = Field(description="ISO-8601 UTC, the last event's time")
+    started_at: str | None = Field(description="ISO-8601 UTC of the first start")
+    completed_at: str | None = Field(description="ISO-8601 UTC of the terminal event")
+    current_epoch: int = Field(description="the last epoch recorded")
+    total_epochs: int
+    progress_percent: float = Field(description="0..100, by recorded epochs")
+    train_loss: float | None
+    val_loss: float | None
+    train_accuracy: float | None
+    val_accuracy: float | None
+    learning_rate: float | None
+    best_epoch: int | None
+    best_val_loss: float | None
+    checkpoint_path: str | None
+    model_path: str | None
+    error_message: str | None
+    attempt: int = Field(description="how many times a trainer has claimed the job")
+    model_architecture: str
+    archived: bool = Field(description="archived jobs leave GET /jobs unless include_archived")
+    version: int = Field(description="the job stream's version (number of events)")
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _parse_config(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+class JobRow(JobView):
+    """The `training_jobs` row: the view plus what only the api's internals read."""
+
+    worker: str | None = Field(description="the trainer running it, if any")
+    submitted_by: str
+    position: int = Field(description="store position of the last event projected")
+
+
+# The fields of the last epoch's metrics that a job row repeats.
+JOB_METRIC_FIELDS = tuple(f for f in JobView.model_fields if f in EpochMetrics.model_fields)
+# Columns of `training_metrics`: the key, every metric, when, and the position.
+METRIC_ROW_FIELDS = tuple(MetricRow.model_fields)
+JOB_FIELDS = tuple(JobView.model_fields)
+JOB_ROW_FIELDS = tuple(JobRow.model_fields)
+SQL_TYPES = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION", bool: "INTEGER"}
+
+
+def sql_columns(model: type[BaseModel], extra: dict[str, str] | None = None) -> str:
+    """`name TYPE [NOT NULL], ...` for each field of `model` (dicts are JSON text)."""
+    columns = dict(extra or {})
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        nullable = type(None) in getattr(annotation, "__args__", ())
+        base = next(
+            (t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None)),
+            str,
+        )
+        sql = SQL_TYPES.get(base, "TEXT") if isinstance(base, type) else "TEXT"
+        columns[name] = sql if nullable else f"{sql} NOT NULL"
+    return ", ".join(f"{name} {sql}" for name, sql in columns.items())
