@@ -14,7 +14,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import IntegrityError, Notification, Recording
 
-from shared.domainmodel import TrainingJob, job_kind
+from shared.domainmodel import Metrics, TrainingJob, job_kind
 from shared.groupcommit import GroupCommit
 from shared.settings import DEFAULT_SUBMIT_BATCH
 from shared.store import JobNotifications
@@ -159,6 +159,79 @@ class TrainingJobs(Application[UUID]):
     def delete(self, job_id: UUID, actor: str) -> Accepted:
         """DELETE: cancel an active job, archive a finished one (the aggregate decides)."""
         return self.command(job_id, lambda job: job.delete(actor))
+
+    # Trainers' facts: the aggregate checks that the trainer still holds the job.
+
+    def claim(
+        self, job_id: UUID, worker: str, device: str, train_size: int, val_size: int
+    ) -> TrainingJob:
+        """Take a queued job (`Started`, or `Resumed` after a pause); IllegalTransitionError
+        if it is not queued any more (another trainer won)."""
+        return self.change(job_id, lambda job: job.claim(worker, device, train_size, val_size))
+
+    def record_epoch(
+        self, job_id: UUID, worker: str, attempt: int, metrics: Metrics, is_best: bool
+    ) -> TrainingJob:
+        return self.change(
+            job_id, lambda job: job.complete_epoch(worker, attempt, metrics, is_best)
+        )
+
+    def record_checkpoint(
+        self, job_id: UUID, worker: str, attempt: int, epoch: int, uri: str, sha256: str
+    ) -> TrainingJob:
+        return self.change(
+            job_id, lambda job: job.save_checkpoint(worker, attempt, epoch, uri, sha256)
+        )
+
+    def record_paused(
+        self, job_id: UUID, worker: str, attempt: int, epoch: int, checkpoint_uri: str
+    ) -> TrainingJob:
+        return self.change(
+            job_id, lambda job: job.record_paused(worker, attempt, epoch, checkpoint_uri)
+        )
+
+    def record_cancelled(self, job_id: UUID, worker: str, attempt: int, epoch: int) -> TrainingJob:
+        return self.change(job_id, lambda job: job.record_cancelled(worker, attempt, epoch))
+
+    def complete(
+        self,
+        job_id: UUID,
+        worker: str,
+        attempt: int,
+        final_metrics: Metrics,
+        best_epoch: int | None,
+        best_val_loss: float | None,
+        model_uri: str | None,
+    ) -> TrainingJob:
+        return self.change(
+            job_id,
+            lambda job: job.complete(
+                worker, attempt, final_metrics, best_epoch, best_val_loss, model_uri
+            ),
+        )
+
+    def fail(
+        self,
+        job_id: UUID,
+        worker: str,
+        attempt: int,
+        error: str,
+        error_type: str,
+        claim_first: bool = False,
+    ) -> TrainingJob:
+        """Record the run's failure; with `claim_first`, a job that failed before its run
+        could start is claimed and failed in one save."""
+
+        def failed(job: TrainingJob) -> None:
+            if claim_first:
+                job.claim(worker, "none", 0, 0)
+            job.fail(worker, attempt, error, error_type)
+
+        return self.change(job_id, failed)
+
+    def lose_worker(self, job_id: UUID, attempt: int, actor: str) -> TrainingJob:
+        """Record once that `attempt`'s trainer is gone (its lease lapsed)."""
+        return self.change(job_id, lambda job: job.lose_worker(attempt, actor))
 
     def change(self, job_id: UUID, command: Callable[[TrainingJob], object]) -> TrainingJob:
         """Apply a command and save; on a concurrent write, reload and apply it again."""

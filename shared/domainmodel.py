@@ -146,12 +146,13 @@ class TrainingJob(Aggregate):
         )
 
     def save_checkpoint(self, worker: str, attempt: int, epoch: int, uri: str, sha256: str) -> None:
+        """A checkpoint of `epoch` is durably at `uri` (idempotent)."""
         self.check_claim(worker, attempt)
         if (epoch, uri) == (self.checkpoint_epoch, self.checkpoint_path):
             return
         self._checkpoint_saved(epoch=epoch, uri=uri, sha256=sha256, actor=worker)
 
-    def pause(self, worker: str, attempt: int, epoch: int, checkpoint_uri: str) -> None:
+    def record_paused(self, worker: str, attempt: int, epoch: int, checkpoint_uri: str) -> None:
         """The trainer stopped for a pause; a cancel asked meanwhile has the last word."""
         self.check_claim(worker, attempt)
         if self.status == CANCELLING:
@@ -159,21 +160,32 @@ class TrainingJob(Aggregate):
         else:
             self._paused(epoch=epoch, checkpoint_uri=checkpoint_uri, actor=worker)
 
-    def complete(self, worker: str, attempt: int, result: Metrics) -> None:
+    def complete(
+        self,
+        worker: str,
+        attempt: int,
+        final_metrics: Metrics,
+        best_epoch: int | None,
+        best_val_loss: float | None,
+        model_uri: str | None,
+    ) -> None:
+        """The run ended normally; `model_uri` is the final weights."""
         self.check_claim(worker, attempt)
         self._completed(
-            final_metrics=result["final_metrics"],
-            best_epoch=result["best_epoch"],
-            best_val_loss=result["best_val_loss"],
-            model_uri=result["model_uri"],
+            final_metrics=final_metrics,
+            best_epoch=best_epoch,
+            best_val_loss=best_val_loss,
+            model_uri=model_uri,
             actor=worker,
         )
 
     def fail(self, worker: str, attempt: int, error: str, error_type: str) -> None:
+        """The run ended with an error."""
         self.check_claim(worker, attempt)
         self._failed(error=error, error_type=error_type, epoch=self.current_epoch, actor=worker)
 
-    def cancel(self, worker: str, attempt: int, epoch: int) -> None:
+    def record_cancelled(self, worker: str, attempt: int, epoch: int) -> None:
+        """The trainer stopped for a cancel."""
         self.check_claim(worker, attempt)
         self._cancelled(epoch=epoch, actor=worker)
 
@@ -187,6 +199,7 @@ class TrainingJob(Aggregate):
     # Rules.
 
     def check_claim(self, worker: str, attempt: int) -> None:
+        """ClaimLostError unless `worker`'s `attempt` is the one running the job."""
         if self.status not in ACTIVE_RUN or (self.worker, self.attempt) != (worker, attempt):
             raise ClaimLostError(
                 f"job {self.id} is not run by {worker} attempt {attempt}", self.status

@@ -73,22 +73,23 @@ class StoreHooks:
         observe_epoch(self.worker, metrics)
         self.record(
             f"epoch {metrics['epoch']}",
-            lambda job: job.complete_epoch(self.worker, self.attempt, dict(metrics), is_best),
+            lambda: self.jobs.record_epoch(
+                self.job_id, self.worker, self.attempt, dict(metrics), is_best
+            ),
         )
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
         self.record(
             f"checkpoint {epoch}",
-            lambda job: job.save_checkpoint(self.worker, self.attempt, epoch, uri, sha256),
+            lambda: self.jobs.record_checkpoint(
+                self.job_id, self.worker, self.attempt, epoch, uri, sha256
+            ),
         )
 
-    def record(self, what: str, command: Callable[[TrainingJob], object]) -> TrainingJob:
-        """Append to the job's stream, riding out a store outage of up to `patience_seconds`
-        (the trainer's commands are idempotent, so a write that did land is not doubled)."""
+    def record(self, what: str, use_case: Callable[[], TrainingJob]) -> TrainingJob:
+        """Run one of the application's trainer use cases, riding out a store outage of up
+        to `patience_seconds` (they are idempotent: a write that did land is not doubled)."""
         self.active_at = time.monotonic()
         return durably(
-            f"job {self.job_id}: recording {what}",
-            lambda: self.jobs.change(self.job_id, command),
-            UNREACHABLE,
-            self.patience_seconds,
+            f"job {self.job_id}: recording {what}", use_case, UNREACHABLE, self.patience_seconds
         )

@@ -41,13 +41,10 @@ from services.trainer.loop import (
 from services.trainer.model import build_model
 from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig
+from shared.readmodel.shapes import EpochMetrics
 
 CHECKPOINT_DIR, MODEL_FILE = "checkpoints", "model.pt"
-METRIC_KEYS = (
-    "epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "learning_rate",
-    "gradient_norm", "val_distance_p50_m", "val_distance_p95_m", "val_rmse_m",
-    "epoch_seconds", "samples_per_second",
-)  # fmt: skip
+METRIC_KEYS = tuple(EpochMetrics.model_fields)
 
 
 @dataclass
@@ -61,6 +58,7 @@ class _Job:
     parts: Stateful
     progress: Progress
     checkpoint: str | None
+    mark: float  # perf_counter at the attempt's start, then at the end of each epoch's record
 
     @property
     def steps(self) -> int:
@@ -103,6 +101,7 @@ def _reproducible(runtime: Runtime) -> Iterator[None]:
 
 
 def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Path | None) -> _Job:
+    started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -120,7 +119,7 @@ def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Pa
         config.max_grad_norm, config.accuracy_radius_m,
     )  # fmt: skip
     checkpoint = str(resume_from.resolve()) if resume_from else None
-    return _Job(config, workdir, data, train, val, trainer, parts, progress, checkpoint)
+    return _Job(config, workdir, data, train, val, trainer, parts, progress, checkpoint, started)
 
 
 def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
@@ -204,18 +203,28 @@ def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
     job.parts.schedule.end_epoch(p.epoch + 1, monitored)
     p.epoch, p.step, p.tally, p.last_metrics = p.epoch + 1, 0, {}, metrics
     hooks.on_epoch(dict(metrics), is_best)
+    job.mark = time.perf_counter()
     _checkpoint(job, hooks)
 
 
 def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
-    """Exactly METRIC_KEYS; throughput counts training steps only."""
-    cfg, t = job.config, job.trainer
+    """Exactly METRIC_KEYS, the validation ones None without validation data.
+
+    Throughput counts training steps only; `epoch_duration_seconds` runs from `job.mark`.
+    """
+    cfg, t, epoch = job.config, job.trainer, job.progress.epoch + 1
     started = time.perf_counter()
-    val = validate(t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m)
-    metrics: Metrics = {"epoch": job.progress.epoch + 1, **epoch_train_metrics(tally), **val}
-    metrics["epoch_seconds"] = tally.seconds + time.perf_counter() - started
+    val = validate(
+        t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m, epoch
+    )
+    metrics: Metrics = {"epoch": epoch, **epoch_train_metrics(tally), **val}
+    ready = time.perf_counter()
+    metrics["epoch_seconds"] = tally.seconds + ready - started
+    metrics["epoch_duration_seconds"] = ready - job.mark
     metrics["samples_per_second"] = tally.samples / max(tally.seconds, 1e-9)
-    return {key: metrics[key] for key in METRIC_KEYS}
+    if unknown := metrics.keys() - set(METRIC_KEYS):
+        raise KeyError(f"metrics {sorted(unknown)} are not fields of EpochMetrics")
+    return {key: metrics.get(key) for key in METRIC_KEYS}
 
 
 def _checkpoint(job: _Job, hooks: TrainingHooks) -> None:

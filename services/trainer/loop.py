@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from services.trainer.model import gaussian_nll, split_output
+from services.trainer.model import CALIBRATION_SHARE, gaussian_nll, inside_68, split_output
 from services.trainer.schedule import LrSchedule
 
 EARTH_RADIUS_M = 6_371_008.8
+METRES_PER_DEGREE = EARTH_RADIUS_M * math.pi / 180  # about 111,195 m of latitude
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,19 @@ class Geo:
         scale = torch.tensor(self.scale, dtype=torch.float64, device=normalised.device)
         return normalised.double() * scale + centre
 
+    def sigma_radius_m(self, mean: Tensor, log_var: Tensor) -> Tensor:
+        """The predicted 1-sigma radius in metres, `[B]`, from normalised `[B, 2]` outputs.
+
+        sigma_north = exp(log_var_lat / 2) * scale_lat * METRES_PER_DEGREE and
+        sigma_east = exp(log_var_lon / 2) * scale_lon * METRES_PER_DEGREE * cos(lat), at
+        the predicted latitude; the radius is sqrt(sigma_north^2 + sigma_east^2).
+        """
+        scale = torch.tensor(self.scale, dtype=torch.float64, device=mean.device)
+        sigma_m = torch.exp(0.5 * log_var.double()) * scale * METRES_PER_DEGREE
+        lat = torch.deg2rad(self.degrees(mean)[:, 0].clamp(-90.0, 90.0))
+        east = sigma_m[:, 1] * torch.cos(lat)
+        return torch.sqrt(sigma_m[:, 0].square() + east.square())
+
 
 def haversine_m(a: Tensor, b: Tensor) -> Tensor:
     """Great-circle metres between `[..., 2]` (lat, lon) degree tensors."""
@@ -94,6 +108,10 @@ def haversine_m(a: Tensor, b: Tensor) -> Tensor:
     dlat, dlon = (lat2 - lat1) / 2, (lon2 - lon1) / 2
     h = torch.sin(dlat) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin(dlon) ** 2
     return 2 * EARTH_RADIUS_M * torch.asin(torch.sqrt(h.clamp(0.0, 1.0)))
+
+
+# One step's mean loss, pre-clipping gradient norm, hits and summed squared metres.
+StepResult = tuple[float, float, int, float]
 
 
 @dataclass
@@ -108,14 +126,18 @@ class Tally:
     finite_norms: int = 0
     learning_rate: float = 0.0
     seconds: float = 0.0
+    squared_distance_sum: float = 0.0  # metres^2; 0 in tallies saved before it existed
 
-    def add(self, samples: int, loss: float, grad_norm: float, hits: int) -> None:
+    def add(self, samples: int, step: StepResult) -> None:
+        """Count one step of `samples` samples."""
+        loss, grad_norm, hits, squared_distance = step
         self.samples, self.steps, self.hits = (
             self.samples + samples,
             self.steps + 1,
             self.hits + hits,
         )
         self.loss_sum += loss * samples
+        self.squared_distance_sum += squared_distance
         if math.isfinite(grad_norm):  # fp16 steps skipped for overflow have none
             self.grad_norm_sum, self.finite_norms = (
                 self.grad_norm_sum + grad_norm,
@@ -180,17 +202,17 @@ def train_one_epoch(
         for index in range(plan.first_step, len(plan.batches)):
             idx = plan.batches[index]
             tally.learning_rate = t.schedule.apply(t.optimizer, plan.epoch, index)
-            loss, norm, hits = _step(t, data, idx)
-            tally.add(len(idx), loss, norm, hits)
+            step = _step(t, data, idx)
+            tally.add(len(idx), step)
             done = index + 1 - plan.first_step
-            if stop(index + 1, loss, done * len(idx) / (time.perf_counter() - started)):
+            if stop(index + 1, step[0], done * len(idx) / (time.perf_counter() - started)):
                 return True
         return False
     finally:
         tally.seconds += time.perf_counter() - started
 
 
-def _step(t: Trainer, data: Split, idx: Tensor) -> tuple[float, float, int]:
+def _step(t: Trainer, data: Split, idx: Tensor) -> StepResult:
     x, y = t.runtime.inputs(data.inputs[idx]), t.runtime.put(data.targets[idx])
     pos = t.runtime.put(data.positions[idx])
     with t.runtime.autocast():
@@ -203,46 +225,85 @@ def _step(t: Trainer, data: Split, idx: Tensor) -> tuple[float, float, int]:
     norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    hits = (
-        haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos) <= t.accuracy_radius_m
-    ).sum()
-    values = torch.stack([loss.detach().double(), norm.double(), hits.double()]).tolist()
+    distance = haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos)
+    hits = (distance <= t.accuracy_radius_m).sum().double()
+    stacked = [loss.detach().double(), norm.double(), hits, distance.square().sum()]
+    values = torch.stack(stacked).tolist()  # the step's one host sync
     if not math.isfinite(values[0]):
         raise FloatingPointError(f"training loss became {values[0]}")
-    return values[0], values[1], int(values[2])
+    return values[0], values[1], int(values[2]), values[3]
 
 
 def epoch_train_metrics(tally: Tally) -> dict[str, float | int | None]:
-    """Per-sample means over the epoch's steps; the pre-clipping gradient norm per step."""
+    """Per-sample means (RMSE in metres) over the epoch's steps; gradient norm per step."""
     n = max(tally.samples, 1)
     return {
         "train_loss": tally.loss_sum / n,
         "train_accuracy": tally.hits / n,
+        "train_rmse_m": math.sqrt(tally.squared_distance_sum / n),
         "learning_rate": tally.learning_rate,
         "gradient_norm": tally.grad_norm_sum / tally.finite_norms if tally.finite_norms else None,
     }
 
 
+VAL_QUANTILES = (0.5, 0.68, 0.95)
+
+
 @torch.no_grad()
 def validate(
-    model: nn.Module, data: Split, runtime: Runtime, geo: Geo, batch_size: int, radius_m: float
-) -> dict[str, float | None]:
-    """Loss and distance errors on `data`; all None when there is no validation data."""
-    keys = ("val_loss", "val_accuracy", "val_distance_p50_m", "val_distance_p95_m", "val_rmse_m")
+    model: nn.Module,
+    data: Split,
+    runtime: Runtime,
+    geo: Geo,
+    batch_size: int,
+    radius_m: float,
+    epoch: int,
+) -> dict[str, float]:
+    """Epoch `epoch`'s (1-based) validation metrics on `data` (`N` samples); `{}` if N is 0.
+
+    Loss is the mean NLL of normalised positions, distances and radii are metres, the
+    accuracy and the calibration error shares (0..1). Raises FloatingPointError when the
+    loss or a distance is NaN or infinite.
+    """
     if len(data) == 0:
-        return dict.fromkeys(keys)
+        return {}
     model.eval()
-    losses, distances = [], []
+    rows = []
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
         x, y = runtime.inputs(data.inputs[sl]), runtime.put(data.targets[sl])
         with runtime.autocast():
             out = model(x)
-        losses.append(gaussian_nll(out, y).double().cpu())
-        predicted = geo.degrees(split_output(out)[0]).cpu()
-        distances.append(haversine_m(predicted, data.positions[sl]))
-    d = torch.cat(distances)
-    quantiles = torch.quantile(d, torch.tensor([0.5, 0.95], dtype=torch.float64)).tolist()
-    values = [torch.cat(losses).mean().item(), (d <= radius_m).double().mean().item()]
-    values += [*quantiles, d.square().mean().sqrt().item()]
-    return dict(zip(keys, values, strict=True))
+        rows.append(_val_rows(out, y, runtime.put(data.positions[sl]), geo).cpu())
+    metrics = _val_metrics(torch.cat(rows), radius_m)
+    for name, key in (("loss", "val_loss"), ("distance", "val_rmse_m")):
+        if not math.isfinite(metrics[key]):
+            raise FloatingPointError(f"validation {name} became {metrics[key]} at epoch {epoch}")
+    return metrics
+
+
+def _val_rows(out: Tensor, target: Tensor, positions: Tensor, geo: Geo) -> Tensor:
+    """Per sample `[B, 4]` float64: loss, distance (m), 1-sigma radius (m), inside 68 %."""
+    mean, log_var = split_output(out)
+    distance = haversine_m(geo.degrees(mean), positions)
+    inside = inside_68(out, target)
+    loss = gaussian_nll(out, target)
+    columns = [loss, distance, geo.sigma_radius_m(mean, log_var), inside]
+    return torch.stack([c.double() for c in columns], dim=1)
+
+
+def _val_metrics(rows: Tensor, radius_m: float) -> dict[str, float]:
+    """Means, quantiles and shares over the `[N, 4]` rows of `_val_rows`."""
+    loss, distance, sigma_radius, inside = rows.unbind(dim=1)
+    levels = torch.tensor(VAL_QUANTILES, dtype=torch.float64)
+    p50, p68, p95 = torch.quantile(distance, levels).tolist()
+    return {
+        "val_loss": loss.mean().item(),
+        "val_accuracy": (distance <= radius_m).double().mean().item(),
+        "val_distance_p50_m": p50,
+        "val_distance_p68_m": p68,
+        "val_distance_p95_m": p95,
+        "val_rmse_m": distance.square().mean().sqrt().item(),
+        "mean_predicted_uncertainty_m": sigma_radius.mean().item(),
+        "uncertainty_calibration_error": abs(inside.mean().item() - CALIBRATION_SHARE),
+    }

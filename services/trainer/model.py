@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import Any, cast
@@ -15,6 +16,9 @@ from torch.nn import functional as F
 from shared.config import JobConfig
 
 LOG_VAR_RANGE = (-12.0, 6.0)
+CALIBRATION_SHARE = 0.68
+# chi-square (2 dof) quantile of CALIBRATION_SHARE: its CDF is 1 - exp(-x / 2).
+CHI2_2DOF_68 = -2 * math.log(1 - CALIBRATION_SHARE)
 
 
 class Localiser(nn.Module):
@@ -47,6 +51,17 @@ def gaussian_nll(out: Tensor, target: Tensor) -> Tensor:
     """Per-sample Gaussian NLL (constant dropped) of normalised positions, shape `[B]`."""
     mean, log_var = split_output(out)
     return (0.5 * (log_var + (target - mean) ** 2 * torch.exp(-log_var))).sum(dim=1)
+
+
+def inside_68(out: Tensor, target: Tensor) -> Tensor:
+    """Whether each normalised target `[B, 2]` lies in the predicted 68 % region, `[B]` bool.
+
+    For the diagonal 2-D Gaussian the squared Mahalanobis distance
+    sum((target - mean)^2 / var) follows chi-square with 2 dof, so the region is
+    where it is <= -2 ln(0.32), about 2.279.
+    """
+    mean, log_var = split_output(out)
+    return ((target - mean) ** 2 * torch.exp(-log_var)).sum(dim=1) <= CHI2_2DOF_68
 
 
 def build_model(config: JobConfig, in_chans: int, input_size: tuple[int, int]) -> Localiser:
@@ -86,10 +101,25 @@ def _probe(model: Localiser, name: str, in_chans: int, size: tuple[int, int]) ->
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
-    """Load a local timm/torchvision-style checkpoint, adapting the stem to `in_chans`."""
+    """Load a local timm/torchvision-style checkpoint, adapting the stem to `in_chans`.
+
+    The file is what `torch.save(model.state_dict(), path)` writes (the state_dict may sit
+    under `state_dict`, `model` or `state_dict_ema`). ValueError naming the path when it
+    cannot be read, is no such checkpoint, or none of its weights fit this model.
+    """
+    try:
+        state = _read_state_dict(path)
+    except Exception as error:  # torch.load fails on other files in many ways: KeyError: 101
+        cause = error.__cause__ or error
+        why = (
+            f"cannot read it ({cause.strerror})"
+            if isinstance(cause, OSError)
+            else "not a PyTorch checkpoint: want what torch.save(model.state_dict(), path) writes"
+        )
+        raise ValueError(f"pretrained_path {path}: {why}") from error
     own = backbone.state_dict()
     fitted = {}
-    for key, value in _read_state_dict(path).items():
+    for key, value in state.items():
         weight = _fit(value, own[key]) if key in own else None
         if weight is not None:
             fitted[key] = weight

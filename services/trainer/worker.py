@@ -83,7 +83,7 @@ class Trainer:
         try:
             device = resolve_runtime(config.accelerator, config.precision).describe()
             train, val = dataset_sizes(config)
-            job = self.jobs.change(job_id, lambda j: j.claim(self.worker, device, train, val))
+            job = self.jobs.claim(job_id, self.worker, device, train, val)
         except IllegalTransitionError:
             return None
         except Exception as error:
@@ -115,7 +115,7 @@ class Trainer:
         log.info("trainer %s: job %s attempt %d", self.worker, job.id, hooks.attempt)
         try:
             outcome = run_training(config, workdir, hooks, resume_from=resume)
-            hooks.record(outcome.kind, lambda j: record_outcome(j, hooks, outcome))
+            hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
         except ClaimLostError as lost:
             log.warning("trainer %s: %s; stopping without writing", self.worker, lost)
         except Exception as error:
@@ -125,13 +125,10 @@ class Trainer:
     def _record_failure(
         self, job_id: UUID, attempt: int, error: Exception, claim_first: bool = False
     ) -> None:
-        def fail(job: TrainingJob) -> None:
-            if claim_first:
-                job.claim(self.worker, "none", 0, 0)
-            job.fail(self.worker, attempt, str(error)[:2000], type(error).__name__)
-
         try:
-            self.jobs.change(job_id, fail)
+            self.jobs.fail(
+                job_id, self.worker, attempt, str(error)[:2000], type(error).__name__, claim_first
+            )
         except ClaimLostError:
             log.warning(
                 "trainer %s: job %s no longer ours; failure not recorded", self.worker, job_id
@@ -180,27 +177,27 @@ class Trainer:
         return lost
 
     def _lose(self, job_id: UUID, attempt: int) -> None:
-        self.jobs.change(job_id, lambda job: job.lose_worker(attempt, self.worker))
+        self.jobs.lose_worker(job_id, attempt, self.worker)
 
 
-def record_outcome(job: TrainingJob, hooks: StoreHooks, outcome: Outcome) -> None:
+def record_outcome(jobs: TrainingJobs, hooks: StoreHooks, outcome: Outcome) -> TrainingJob:
     """The one event that says how the run ended."""
-    worker, attempt = hooks.worker, hooks.attempt
+    job_id, worker, attempt = hooks.job_id, hooks.worker, hooks.attempt
     if outcome.kind == "completed":
-        job.complete(
+        return jobs.complete(
+            job_id,
             worker,
             attempt,
-            {
-                "final_metrics": dict(outcome.final_metrics),
-                "best_epoch": outcome.best_epoch,
-                "best_val_loss": outcome.best_val_loss,
-                "model_uri": outcome.model_uri,
-            },
+            final_metrics=dict(outcome.final_metrics),
+            best_epoch=outcome.best_epoch,
+            best_val_loss=outcome.best_val_loss,
+            model_uri=outcome.model_uri,
         )
-    elif outcome.kind == "paused":
-        job.pause(worker, attempt, outcome.epoch, outcome.checkpoint_uri or "")
-    else:
-        job.cancel(worker, attempt, outcome.epoch)
+    if outcome.kind == "paused":
+        return jobs.record_paused(
+            job_id, worker, attempt, outcome.epoch, outcome.checkpoint_uri or ""
+        )
+    return jobs.record_cancelled(job_id, worker, attempt, outcome.epoch)
 
 
 def dataset_sizes(config: JobConfig) -> tuple[int, int]:

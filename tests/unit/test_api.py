@@ -311,7 +311,7 @@ def test_delete_of_a_completed_job_archives_it(api: Api) -> None:
     api.start(job_id)
     result: dict[str, Any] = {"final_metrics": {}, "best_epoch": None, "best_val_loss": None}
     result["model_uri"] = "m"
-    api.trainer(job_id, lambda job: job.complete(TRAINER, 1, result))
+    api.trainer(job_id, lambda job: job.complete(TRAINER, 1, **result))
     assert api.client.delete(f"{API}/jobs/{job_id}").status_code == 204
     row = api.read(job_id, lambda j: j["archived"] is True)["job"]
     assert (row["status"], row["model_path"]) == ("completed", "m")
@@ -503,7 +503,7 @@ def test_cancel_of_a_finished_job_is_409(api: Api, outcome: str, status: str) ->
     if outcome == "complete":
         result: dict[str, Any] = {"final_metrics": {}, "best_epoch": None}
         result.update(best_val_loss=None, model_uri=None)
-        api.trainer(job_id, lambda job: job.complete(TRAINER, 1, result))
+        api.trainer(job_id, lambda job: job.complete(TRAINER, 1, **result))
     else:
         api.trainer(job_id, lambda job: job.fail(TRAINER, 1, "out of memory", "MemoryError"))
     before = api.context.jobs.recorder.max_notification_id()

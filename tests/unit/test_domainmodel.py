@@ -65,7 +65,7 @@ def pausing() -> TrainingJob:
 
 def paused() -> TrainingJob:
     job = pausing()
-    job.pause(W, 1, 0, "/ck/0.pt")
+    job.record_paused(W, 1, 0, "/ck/0.pt")
     return job
 
 
@@ -77,7 +77,7 @@ def cancelling() -> TrainingJob:
 
 def completed() -> TrainingJob:
     job = running()
-    job.complete(W, 1, RESULT)
+    job.complete(W, 1, **RESULT)
     return job
 
 
@@ -279,7 +279,7 @@ def test_claim_after_worker_lost_is_started_from_the_checkpoint() -> None:
 def test_claim_after_pause_and_resume_is_resumed() -> None:
     job = with_checkpoint()
     job.request_pause(USER)
-    job.pause(W, 1, 1, "/ck/1.pt")
+    job.record_paused(W, 1, 1, "/ck/1.pt")
     job.request_resume(USER)
     job.collect_events()
     job.claim("trainer-2", "cpu", 100, 20)
@@ -329,13 +329,13 @@ TRAINER: list[tuple[str, str, str, str]] = [
 
 def trainer_fact(job: TrainingJob, fact: str, worker: str = W, attempt: int = 1) -> None:
     if fact == "pause":
-        job.pause(worker, attempt, 0, "/ck/0.pt")
+        job.record_paused(worker, attempt, 0, "/ck/0.pt")
     elif fact == "complete":
-        job.complete(worker, attempt, RESULT)
+        job.complete(worker, attempt, **RESULT)
     elif fact == "fail":
         job.fail(worker, attempt, "boom", "RuntimeError")
     elif fact == "cancel":
-        job.cancel(worker, attempt, 0)
+        job.record_cancelled(worker, attempt, 0)
     elif fact == "epoch":
         job.complete_epoch(worker, attempt, metrics(1), is_best=False)
     else:
@@ -451,13 +451,13 @@ def full_life() -> TrainingJob:
     """Every kind of event at least once."""
     job = with_checkpoint()
     job.request_pause(USER)
-    job.pause(W, 1, 1, "/ck/1.pt")
+    job.record_paused(W, 1, 1, "/ck/1.pt")
     job.request_resume(USER)
     job.claim("t2", "cpu", 1, 1)
     job.lose_worker(2, "reaper")
     job.claim("t3", "cpu", 1, 1)
     job.request_cancel("carol")
-    job.cancel("t3", 3, 1)
+    job.record_cancelled("t3", 3, 1)
     job.archive("dave")
     return job
 
@@ -478,7 +478,7 @@ def test_started_and_completed_at_are_the_events_own_time() -> None:
     job = fresh(QUEUED)
     job.claim(W, "cpu", 1, 1)
     started = last_event(job)
-    job.complete(W, 1, RESULT)
+    job.complete(W, 1, **RESULT)
     done = last_event(job)
     assert job.started_at == started.timestamp
     assert job.completed_at == done.timestamp
@@ -500,7 +500,7 @@ def test_cancel_while_pausing_is_not_lost() -> None:
     job = fresh(PAUSING)
     job.request_cancel(USER)
     assert job.status == CANCELLING
-    job.pause(W, 1, 2, "/ck/2.pt")
+    job.record_paused(W, 1, 2, "/ck/2.pt")
     events = job.collect_events()
     assert [kind(e) for e in events] == ["CancelRequested", "Cancelled"]
     assert job.status == CANCELLED

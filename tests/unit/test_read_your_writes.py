@@ -149,18 +149,18 @@ def drive_every_kind(d: Driver) -> None:
     d.trainer(a, lambda j: j.complete_epoch(TRAINER, 1, metrics, True))
     d.trainer(a, lambda j: j.save_checkpoint(TRAINER, 1, 1, "/c/1.pt", "ab"))
     d.http("POST", f"/jobs/{a}/pause")
-    d.trainer(a, lambda j: j.pause(TRAINER, 1, 1, "/c/1.pt"))
+    d.trainer(a, lambda j: j.record_paused(TRAINER, 1, 1, "/c/1.pt"))
     d.http("POST", f"/jobs/{a}/resume")
     d.trainer(a, claim)  # Resumed
     d.http("POST", f"/jobs/{a}/cancel")
-    d.trainer(a, lambda j: j.cancel(TRAINER, 2, 1))
+    d.trainer(a, lambda j: j.record_cancelled(TRAINER, 2, 1))
     d.http("DELETE", f"/jobs/{a}")
     b = d.http("POST", "/jobs", json={"job_name": "b"})
     d.trainer(b, claim)
     d.trainer(b, lambda j: j.lose_worker(1, "reaper"))
     d.trainer(b, claim)
     result = {"final_metrics": metrics, "best_epoch": 1, "best_val_loss": 0.6, "model_uri": "m"}
-    d.trainer(b, lambda j: j.complete(TRAINER, 2, result))
+    d.trainer(b, lambda j: j.complete(TRAINER, 2, **result))
     c = d.http("POST", "/jobs", json={"job_name": "c", "config": {"max_attempts": 1}})
     d.trainer(c, claim)
     d.trainer(c, lambda j: j.lose_worker(1, "reaper"))  # the last attempt: failed

@@ -11,7 +11,7 @@ from services.trainer.job import METRIC_KEYS, run_training
 from shared.config import JobConfig
 from tests.unit.trainer.configs import tiny_config
 
-TIMING = {"epoch_seconds", "samples_per_second"}
+TIMING = {"epoch_seconds", "epoch_duration_seconds", "samples_per_second"}
 
 
 class ScriptedHooks:
