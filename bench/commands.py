@@ -45,12 +45,14 @@ CONFIG: dict[str, Any] = {
 def http_side(
     clients: int, total: int, log_dir: Path, submit_batch: int = DEFAULT_SUBMIT_BATCH
 ) -> tuple[Run, float | None]:
-    """An api process alone on its own schema, hammered by `clients` async clients;
-    `submit_batch` 1 turns its group commit off (one transaction per submit)."""
+    """An api process and its projector on their own schema, hammered by `clients` async
+    clients (a 201 waits for the projection: read-your-writes); `submit_batch` 1 turns the
+    api's group commit off (one transaction per submit)."""
     with fresh_schema("bench_cmd") as schema:
         port = free_port()
         env = heimdall_env(schema, log_dir, api_port=str(port), submit_batch=str(submit_batch))
         api = Process.heimdall("api", env, log_dir).start()
+        projector = Process.heimdall("projector", env, log_dir).start()
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}/health")
@@ -63,6 +65,7 @@ def http_side(
             run = asyncio.run(run_clients(base, clients, send, total=total))
         finally:
             peak = api.stop()
+            projector.stop()
         bad = [s for s in run.samples if s.status != 201]
         if bad:
             raise RuntimeError(f"{len(bad)} submits failed, e.g. {bad[0]}\n{api.log_tail()}")

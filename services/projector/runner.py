@@ -54,17 +54,33 @@ class Projector:
         return projected
 
     async def project_pending(self) -> int:
-        """Apply every stored event the read tables lack, in order."""
+        """Apply every stored event the read tables lack, in order: each page the store
+        gives in one transaction (exactly once: the position moves in the same one)."""
         handled = 0
         while True:
             position = (await asyncio.to_thread(self.store.positions))["projected"]
             batch = await asyncio.to_thread(self._select, position)
             if not batch:
                 return handled
-            for notification in batch:
+            await self._project_page(batch)
+            handled += len(batch)
+
+    async def _project_page(self, batch: Sequence[Notification]) -> None:
+        try:
+            projected = await asyncio.to_thread(self.projection.process_batch, batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            for notification in batch:  # one at a time: a failure names its event
                 with job_context(notification.originator_id):
                     await self._project(notification)
-            handled += len(batch)
+            return
+        EVENTS_PROJECTED.inc(projected)
+        if projected and log.isEnabledFor(logging.DEBUG):
+            for notification in batch:
+                with job_context(notification.originator_id):
+                    log.debug("projected position %d", notification.id)
+        self._projected(batch[-1].id)
 
     async def _project(self, notification: Notification) -> None:
         """One event; its log lines (a failure included) carry its job id."""
@@ -72,11 +88,14 @@ class Projector:
             if await asyncio.to_thread(self.projection.process, notification):
                 EVENTS_PROJECTED.inc()
                 log.debug("projected position %d", notification.id)
-            for hook in self.projected_hooks:
-                hook(notification.id)
+            self._projected(notification.id)
         except Exception as error:
             log.warning("projecting position %d failed: %r", notification.id, error)
             raise
+
+    def _projected(self, position: int) -> None:
+        for hook in self.projected_hooks:
+            hook(position)
 
     async def publish_pending(self) -> int:
         """Publish, in order, every projected event the bus has not confirmed yet."""

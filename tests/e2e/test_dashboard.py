@@ -29,6 +29,14 @@ pytestmark = pytest.mark.skipif(
 EPOCHS = 6
 TINY = '{"accelerator": "cpu", "dataset": {"samples": 64, "n_mels": 16, "frames": 16}}'
 KEY = uuid.uuid4().hex  # the api runs with an operator key, as it would in production
+# Every status the page shows, in order, from now on (without a reload).
+WATCH_STATUS = """
+window.statuses = [];
+const badge = document.getElementById('d-status');
+new MutationObserver(() => {
+  if (window.statuses.at(-1) !== badge.textContent) window.statuses.push(badge.textContent);
+}).observe(badge, {childList: true, characterData: true, subtree: true});
+"""
 POINTS = "const c = document.getElementById('chart-loss'); return c.data ? c.data[0].x.length : 0"
 
 
@@ -155,6 +163,7 @@ def test_submit_watch_pause_resume_to_completion(
     progress = page.wait(lambda: page.showing("d-progress", "step "), "step telemetry")
     assert f"of {EPOCHS}" in progress and "loss" in progress, progress
 
+    browser.execute_script(WATCH_STATUS)
     page.click("pause")
     page.wait(lambda: page.status() == "paused", "the job to pause")
     assert "pause requested" in page.text("d-message")
@@ -168,6 +177,8 @@ def test_submit_watch_pause_resume_to_completion(
     page.wait(lambda: "after=" in page.job_socket(), "the page to reconnect with ?after=")
     assert f"token={KEY}" in page.job_socket()
     page.wait(lambda: page.status() == "completed", "the job to complete", timeout=90)
+    shown = browser.execute_script("return window.statuses")  # gone, had the page reloaded
+    assert in_order(shown, ["paused", "queued", "running", "completed"]), shown
     page.wait(lambda: page.points() == EPOCHS, "every epoch on the chart")
     page.wait(lambda: page.showing("jobs-body", "completed"), "the job list to show completed")
     screenshot(browser, tmp_path)
@@ -176,6 +187,12 @@ def test_submit_watch_pause_resume_to_completion(
     refused = page.wait(lambda: page.showing("d-message", "could not pause"), "the 409")
     assert "409" in refused and "completed" in refused, refused
     assert_only_the_api_was_reached(browser, base_url)
+
+
+def in_order(seen: list[str], expected: list[str]) -> bool:
+    """`expected` is a subsequence of `seen`."""
+    remaining = iter(seen)
+    return all(any(s == e for s in remaining) for e in expected)
 
 
 def screenshot(driver: WebDriver, tmp_path: Path) -> None:

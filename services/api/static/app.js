@@ -3,7 +3,10 @@
 
 const API = "/api/v1/training";
 const $ = (id) => document.getElementById(id);
-const state = { jobs: [], selected: null, job: null, metrics: new Map(), step: null, socket: null };
+const state = {
+  jobs: [], selected: null, job: null, metrics: new Map(), step: null, socket: null,
+  metricFields: [], // [name, description] of MetricRow, from the api's own schema
+};
 
 /** The api token: `?token=` in the page URL (then remembered) or localStorage. */
 function authToken() {
@@ -340,8 +343,36 @@ function drawCharts() {
   plot("chart-loss", "Loss", [line("train_loss", "train"), line("val_loss", "val")]);
   plot("chart-lr", "Learning rate", [line("learning_rate", "learning rate")]);
   plot("chart-distance", "Distance error, validation (m)", [
-    line("val_distance_p50_m", "p50"), line("val_distance_p95_m", "p95", "dot"),
+    line("val_distance_p50_m", "p50"), line("val_distance_p68_m", "p68", "dash"),
+    line("val_distance_p95_m", "p95", "dot"),
   ]);
+  renderMetricTable();
+}
+
+/** The last epoch's row: every field the api declares for a metrics row, in its order. */
+function renderMetricTable() {
+  const rows = [...state.metrics.values()].sort((a, b) => a.epoch - b.epoch);
+  const last = rows.at(-1);
+  const body = $("d-metrics-body");
+  body.replaceChildren();
+  if (!last) return;
+  for (const [name, description] of state.metricFields) {
+    const tr = document.createElement("tr");
+    const th = document.createElement("th");
+    th.textContent = name;
+    th.title = description;
+    const value = last[name];
+    const shown = Number.isInteger(value) ? String(value) : typeof value === "number" ? fmt(value, 5) : value;
+    tr.append(th, cell(shown ?? "–"));
+    body.append(tr);
+  }
+}
+
+async function loadMetricFields() {
+  const schema = await fetch("/openapi.json").then((r) => r.json()).catch(() => null);
+  const properties = schema?.components?.schemas?.MetricRow?.properties || {};
+  state.metricFields = Object.entries(properties).map(([name, p]) => [name, p.description || ""]);
+  renderMetricTable();
 }
 
 function plot(id, title, traces) {
@@ -361,6 +392,7 @@ function start() {
   $("reload").addEventListener("click", loadJobs);
   for (const verb of ["pause", "resume", "cancel"]) $(verb).addEventListener("click", () => command(verb));
   new LiveSocket("/ws/training", onFeed, setLive);
+  loadMetricFields();
   loadJobs();
   const chosen = location.hash.match(/^#job=([\w-]+)$/);
   if (chosen) select(chosen[1]);
