@@ -7,6 +7,8 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import OperatorDep
 from services.api.availability import DatabaseWatch
@@ -73,6 +75,7 @@ async def parse_job_id(job_id: str) -> UUID:
 
 
 MAX_POSITION = 2**63 - 1
+HEADER_LOC = ("header", "heimdall-position")
 
 
 async def read_after(
@@ -89,8 +92,17 @@ async def read_after(
     """A query that names a store position (a command's answer gave it) answers once the
     read tables have reached it, or 503 after `read_wait_seconds`."""
     wanted = max(min_position or 0, heimdall_position or 0)
-    if wanted:
-        await context_of(request).freshness.require(wanted)
+    if not wanted:
+        return
+    context = context_of(request)
+    if wanted > context.freshness.projected:
+        head = await run_in_threadpool(context.jobs.recorder.max_notification_id) or 0
+        if wanted > head:  # no command answer ever gave it: waiting would not help
+            where = ("query", "min_position") if min_position == wanted else HEADER_LOC
+            message = f"position {wanted} is not in the store yet (its last is {head})"
+            error = {"type": "position_ahead", "loc": where, "msg": message, "input": wanted}
+            raise RequestValidationError([error])
+    await context.freshness.require(wanted)
 
 
 ContextDep = Annotated[ApiContext, Depends(get_context)]

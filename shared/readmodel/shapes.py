@@ -61,8 +61,8 @@ class EpochMetrics(BaseModel):
     )
     uncertainty_calibration_error: float | None = Field(
         None,
-        description="|share of validation truths inside the predicted 68 % region - 0.68|;"
-        " 0 is perfectly calibrated",
+        description="absolute difference between 0.68 and the share of validation truths"
+        " inside the predicted 68 % region; 0 is perfectly calibrated",
     )
     epoch_seconds: float | None = Field(
         None, description="seconds spent training and validating this epoch"

@@ -82,17 +82,21 @@ def test_a_query_waits_for_the_position_it_names_then_503(sqlite_settings: Setti
     context, background = build_api(settings, with_projector=True)
     with TestClient(create_app(context, background)) as client:
         position = submit(client)["position"]
-        fine = client.get(f"{API}/jobs", params={"min_position": position})
-        assert fine.status_code == 200
-        ahead = position + 1000
+        assert client.get(f"{API}/jobs", params={"min_position": position}).status_code == 200
+    context, background = build_api(settings, with_projector=False)  # the projector is down
+    with TestClient(create_app(context, background)) as client:
+        stored = context.jobs.pause(context.jobs.feed()[0].job_id, "someone").position
         for asked in (
-            {"params": {"min_position": ahead}},
-            {"headers": {"Heimdall-Position": str(ahead)}},
+            {"params": {"min_position": stored}},
+            {"headers": {"Heimdall-Position": str(stored)}},
         ):
             late = client.get(f"{API}/jobs", **asked)  # type: ignore[arg-type]
             assert late.status_code == 503, late.text
-            assert late.headers["Retry-After"] and late.json()["position"] == ahead
+            assert late.headers["Retry-After"] and late.json()["position"] == stored
             assert late.json()["stored"] is False
+        never = client.get(f"{API}/jobs", params={"min_position": stored + 1000})
+        assert never.status_code == 422, never.text
+        assert never.json()["detail"][0]["loc"] == ["query", "min_position"]
 
 
 def test_without_a_projector_a_command_is_stored_and_answers_503(
