@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -46,7 +48,7 @@ def serve(settings: Settings, with_projector: bool) -> None:
 
 def serve_http(app: FastAPI, settings: Settings) -> None:
     """uvicorn with our logging (its access lines too) and the WebSocket message limit."""
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -54,6 +56,26 @@ def serve_http(app: FastAPI, settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         ws_max_size=settings.ws_max_message_bytes,
     )
+    GracefulServer(config).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, except that a stop on SIGTERM or SIGINT that shut down cleanly (the
+    lifespan checkpointed a running job and handed it back) exits 0. uvicorn re-raises the
+    signal after its shutdown, so the exit status would say "killed" and a supervisor
+    would count a clean deploy as a crash."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # uvicorn's record of signals to re-raise
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM (a deploy, `docker stop`) and SIGINT end the service gracefully: a trainer
+    checkpoints and hands its job back, a projector finishes its transaction."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
 
 
 def run_projector(settings: Settings) -> None:
@@ -63,6 +85,7 @@ def run_projector(settings: Settings) -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
         projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
         stop = asyncio.Event()
+        stop_on_signals(stop)
         serve_metrics(settings, StoreCollector(jobs, reads, job_counts=False))
         await bus.start()
         log.info("projector ready")
@@ -94,6 +117,7 @@ def run_trainer(settings: Settings) -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
         trainer = build_trainer(settings, jobs, reads, bus)
         stop = asyncio.Event()
+        stop_on_signals(stop)
         serve_metrics(settings)
         await bus.start()
         log.info("trainer %s ready", settings.worker_name)

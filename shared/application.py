@@ -170,11 +170,23 @@ class TrainingJobs(Application[UUID]):
         return self.change(job_id, lambda job: job.claim(worker, device, train_size, val_size))
 
     def record_epoch(
-        self, job_id: UUID, worker: str, attempt: int, metrics: Metrics, is_best: bool
+        self,
+        job_id: UUID,
+        worker: str,
+        attempt: int,
+        metrics: Metrics,
+        is_best: bool,
+        checkpoint: tuple[int, str, str] | None = None,
     ) -> TrainingJob:
-        return self.change(
-            job_id, lambda job: job.complete_epoch(worker, attempt, metrics, is_best)
-        )
+        """`EpochCompleted` and, given `(epoch, uri, sha256)` of the checkpoint file already
+        written, its `CheckpointSaved`, in one transaction: no epoch without its checkpoint."""
+
+        def record(job: TrainingJob) -> None:
+            job.complete_epoch(worker, attempt, metrics, is_best)
+            if checkpoint is not None:
+                job.save_checkpoint(worker, attempt, *checkpoint)
+
+        return self.change(job_id, record)
 
     def record_checkpoint(
         self, job_id: UUID, worker: str, attempt: int, epoch: int, uri: str, sha256: str
@@ -188,6 +200,21 @@ class TrainingJobs(Application[UUID]):
     ) -> TrainingJob:
         return self.change(
             job_id, lambda job: job.record_paused(worker, attempt, epoch, checkpoint_uri)
+        )
+
+    def preempt(
+        self,
+        job_id: UUID,
+        worker: str,
+        attempt: int,
+        reason: str,
+        epoch: int,
+        step: int,
+        checkpoint_uri: str,
+    ) -> TrainingJob:
+        """The trainer stopped on request and hands the job back (`Preempted`)."""
+        return self.change(
+            job_id, lambda job: job.preempt(worker, attempt, reason, epoch, step, checkpoint_uri)
         )
 
     def record_cancelled(self, job_id: UUID, worker: str, attempt: int, epoch: int) -> TrainingJob:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import psycopg_pool
 from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from eventsourcing.postgres import PostgresDatastore
@@ -38,6 +39,13 @@ AttemptWithBackoff.DELAY_BACKOFF = 1.0
 POOL_WAIT_SECONDS = 2.0
 # What "the database is not reachable yet" looks like, as opposed to a configuration error.
 UNREACHABLE = (psycopg.OperationalError, StoreOperationalError, StoreInterfaceError, OSError)
+# The store failing under a running service (not a bad input): retried, never a job's fault.
+STORE_OUTAGES = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    StoreOperationalError,
+    StoreInterfaceError,
+)
 
 
 def build_app(settings: Settings) -> TrainingJobs:

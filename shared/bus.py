@@ -26,6 +26,7 @@ ROUTING_KEYS = {
     "EpochCompleted": "training.progress",
     "CheckpointSaved": "training.checkpoint_saved",
     "Paused": "training.paused",
+    "Preempted": "training.preempted",
     "Resumed": "training.resumed",
     "Completed": "training.completed",
     "Failed": "training.failed",
@@ -34,7 +35,12 @@ ROUTING_KEYS = {
     "Archived": "training.archived",
 }
 # Events after which a job may be runnable: trainers compete for them on one queue.
-WORK_KEYS = ("training.submitted", "training.resume_requested", "training.worker_lost")
+WORK_KEYS = (
+    "training.submitted",
+    "training.resume_requested",
+    "training.worker_lost",
+    "training.preempted",
+)
 # Events a running trainer must notice soon: every trainer hears them.
 NUDGE_KEYS = ("training.pause_requested", "training.cancel_requested")
 # Live telemetry between epochs: on the bus for watchers, never in the store.

@@ -69,6 +69,7 @@ class TrainingJob(Aggregate):
         self.best_val_loss: float | None = None
         self.checkpoint_epoch = 0
         self.checkpoint_path: str | None = None
+        self.checkpoint_sha256: str | None = None
         self.model_path: str | None = None
         self.error_message: str | None = None
         self.started_at: datetime | None = None
@@ -184,6 +185,23 @@ class TrainingJob(Aggregate):
         self.check_claim(worker, attempt)
         self._failed(error=error, error_type=error_type, epoch=self.current_epoch, actor=worker)
 
+    def preempt(
+        self, worker: str, attempt: int, reason: str, epoch: int, step: int, checkpoint_uri: str
+    ) -> None:
+        """The trainer was stopped (SIGTERM: a deploy, a scale-in) and checkpointed at a step
+        boundary: the job is queued again to resume from there, and this is not a lost
+        worker (it never counts against `max_attempts`). A pause or cancel asked meanwhile
+        wins, as it would have at that step."""
+        self.check_claim(worker, attempt)
+        if self.status == CANCELLING:
+            self._cancelled(epoch=epoch, actor=worker)
+        elif self.status == PAUSING:
+            self._paused(epoch=epoch, checkpoint_uri=checkpoint_uri, actor=worker)
+        else:
+            self._preempted(
+                reason=reason, epoch=epoch, step=step, checkpoint_uri=checkpoint_uri, actor=worker
+            )
+
     def record_cancelled(self, worker: str, attempt: int, epoch: int) -> None:
         """The trainer stopped for a cancel."""
         self.check_claim(worker, attempt)
@@ -264,11 +282,25 @@ class TrainingJob(Aggregate):
     @event("CheckpointSaved", topic=TOPIC + "CheckpointSaved")
     def _checkpoint_saved(self, epoch: int, uri: str, sha256: str, actor: str) -> None:
         self.checkpoint_epoch, self.checkpoint_path = epoch, uri
+        self.checkpoint_sha256 = sha256
+
+    @event("Preempted", topic=TOPIC + "Preempted")
+    def _preempted(
+        self, reason: str, epoch: int, step: int, checkpoint_uri: str, actor: str
+    ) -> None:
+        self.status, self.worker, self.resume_pending = QUEUED, None, True
+        self._use_checkpoint(epoch, checkpoint_uri)
+
+    def _use_checkpoint(self, epoch: int, uri: str) -> None:
+        """Resume from `uri` next; its digest is known if `CheckpointSaved` recorded it."""
+        if uri != self.checkpoint_path:
+            self.checkpoint_sha256 = None
+        self.checkpoint_epoch, self.checkpoint_path = epoch, uri
 
     @event("Paused", topic=TOPIC + "Paused")
     def _paused(self, epoch: int, checkpoint_uri: str, actor: str) -> None:
         self.status, self.worker = PAUSED, None
-        self.checkpoint_epoch, self.checkpoint_path = epoch, checkpoint_uri
+        self._use_checkpoint(epoch, checkpoint_uri)
 
     @event("Completed", topic=TOPIC + "Completed")
     def _completed(

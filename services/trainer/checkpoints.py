@@ -95,8 +95,16 @@ def save_checkpoint(
     return path, digest
 
 
-def load_checkpoint(path: Path, parts: Stateful, config: JobConfig) -> Progress:
-    """Restore every part and the RNG states; refuses another format or another config."""
+def load_checkpoint(
+    path: Path, parts: Stateful, config: JobConfig, sha256: str | None = None
+) -> Progress:
+    """Restore every part and the RNG states; refuses another format, another config, or,
+    given the digest recorded with it (`CheckpointSaved`), a file whose sha256 differs."""
+    if sha256 is not None and (found := sha256_of(path)) != sha256:
+        raise CheckpointError(
+            f"{path}: sha256 {found[:12]}... is not the recorded {sha256[:12]}...:"
+            " the file changed after it was written"
+        )
     payload = read_payload(path)
     if payload.get("config") != config.model_dump(mode="json"):
         raise CheckpointError(f"{path}: written for a different job config")

@@ -14,6 +14,7 @@ class Control(enum.Enum):
 
     CONTINUE = "continue"
     PAUSE = "pause"
+    PREEMPT = "preempt"  # the trainer is stopping: checkpoint and hand the job back
     CANCEL = "cancel"
 
 
@@ -38,6 +39,16 @@ class StepInfo:
     samples_per_second: float
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file durably in place: after `epoch` completed epochs, at `uri`
+    (absolute path), with its sha256 (hex)."""
+
+    epoch: int
+    uri: str
+    sha256: str
+
+
 class TrainingHooks(Protocol):
     """Called by `run_training` on the thread that trains."""
 
@@ -47,7 +58,9 @@ class TrainingHooks(Protocol):
         """Asked after every training step: keep this cheap (read a flag)."""
         ...
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None: ...
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
+        """An epoch ended: its metrics and the checkpoint already written after it."""
+        ...
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
         """After the file is durably in place; `uri` is its absolute path."""
@@ -63,7 +76,7 @@ class NullHooks:
     def check(self, step: StepInfo) -> Control:
         return Control.CONTINUE
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
         return None
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
@@ -74,10 +87,11 @@ class NullHooks:
 class Outcome:
     """How `run_training` ended; `epoch` counts the epochs fully completed."""
 
-    kind: Literal["completed", "paused", "cancelled"]
+    kind: Literal["completed", "paused", "preempted", "cancelled"]
     epoch: int
     checkpoint_uri: str | None
     final_metrics: Metrics = field(default_factory=dict)
     best_epoch: int | None = None
     best_val_loss: float | None = None
     model_uri: str | None = None
+    step: int = 0  # steps done into the next epoch (a pause or preemption mid-epoch)

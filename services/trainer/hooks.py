@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
-from services.trainer.control import Control, Metrics, StartInfo, StepInfo
+from services.trainer.control import Checkpoint, Control, Metrics, StartInfo, StepInfo
 from services.trainer.observe import observe_epoch, observe_step
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
@@ -38,7 +38,11 @@ class StoreHooks:
         self.jobs, self.job_id, self.worker, self.attempt = jobs, job_id, worker, attempt
         self.patience_seconds = patience_seconds
         self.active_at = time.monotonic()  # the last sign of life of the training thread
+        # Stalls count only while steps run: data preparation, validation and the first
+        # compiled step report no progress, and may take long without being stuck.
+        self.in_steps = False
         self.nudged = threading.Event()
+        self.preempting = threading.Event()  # the trainer is stopping: hand the job back
         self._confirmed_at = time.monotonic()
         self.last_step: StepInfo | None = None
         self.telemetry: StepTelemetry | None = None
@@ -52,6 +56,9 @@ class StoreHooks:
     def check(self, step: StepInfo) -> Control:
         observe_step(self.worker, step)
         self.last_step, self.active_at = step, time.monotonic()
+        self.in_steps = step.step < step.steps_per_epoch  # after the last: validation
+        if self.preempting.is_set():
+            return Control.PREEMPT
         if self.telemetry is not None:
             self.telemetry(step)
         due = time.monotonic() - self._confirmed_at > CONFIRM_SECONDS
@@ -69,12 +76,14 @@ class StoreHooks:
             job.status, Control.CONTINUE
         )
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
+        """The epoch and its checkpoint (already on disk) in one transaction."""
         observe_epoch(self.worker, metrics)
+        saved = (checkpoint.epoch, checkpoint.uri, checkpoint.sha256)
         self.record(
             f"epoch {metrics['epoch']}",
             lambda: self.jobs.record_epoch(
-                self.job_id, self.worker, self.attempt, dict(metrics), is_best
+                self.job_id, self.worker, self.attempt, dict(metrics), is_best, saved
             ),
         )
 

@@ -22,7 +22,15 @@ from services.trainer.checkpoints import (
     save_checkpoint,
     save_model,
 )
-from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo, TrainingHooks
+from services.trainer.control import (
+    Checkpoint,
+    Control,
+    Metrics,
+    Outcome,
+    StartInfo,
+    StepInfo,
+    TrainingHooks,
+)
 from services.trainer.dataset import RFData, load_dataset, split_indices
 from services.trainer.loop import (
     EpochPlan,
@@ -44,6 +52,11 @@ from shared.config import JobConfig
 from shared.readmodel.shapes import EpochMetrics
 
 CHECKPOINT_DIR, MODEL_FILE = "checkpoints", "model.pt"
+# Controls that stop the run with a checkpoint to resume from, and the outcome they give.
+STOPS: dict[Control, Literal["paused", "preempted"]] = {
+    Control.PAUSE: "paused",
+    Control.PREEMPT: "preempted",
+}
 METRIC_KEYS = tuple(EpochMetrics.model_fields)
 
 
@@ -59,6 +72,7 @@ class _Job:
     progress: Progress
     checkpoint: str | None
     mark: float  # perf_counter at the attempt's start, then at the end of each epoch's record
+    checkpoint_dir: Path  # this attempt's own
 
     @property
     def steps(self) -> int:
@@ -66,17 +80,26 @@ class _Job:
 
 
 def run_training(
-    config: JobConfig, workdir: Path, hooks: TrainingHooks, resume_from: Path | None = None
+    config: JobConfig,
+    workdir: Path,
+    hooks: TrainingHooks,
+    resume_from: Path | None = None,
+    attempt: int = 1,
+    resume_sha256: str | None = None,
 ) -> Outcome:
-    """Train `config`, writing `workdir`/checkpoints/ and `workdir`/model.pt.
+    """Train `config`, writing `workdir`/checkpoints/attempt-N/ and `workdir`/model.pt.
 
-    Pause and cancel from `hooks.check` act at the next step boundary; exceptions propagate.
+    Each attempt checkpoints into a folder of its own, so a stale attempt can never
+    overwrite or prune the next one's files. A resume checks the file against
+    `resume_sha256` when given. Pause, preemption and cancel from `hooks.check` act at the
+    next step boundary; exceptions propagate.
     """
     if config.devices > 1:
         raise ValueError("devices > 1 needs a torchrun launch, which this trainer does not do yet")
     runtime = resolve_runtime(config.accelerator, config.precision)
     with _reproducible(runtime):
-        job = _prepare(config, workdir, runtime, resume_from)
+        job = _prepare(config, workdir, runtime, resume_from, resume_sha256)
+        job.checkpoint_dir = workdir / CHECKPOINT_DIR / f"attempt-{attempt}"
         hooks.on_start(_start_info(job, runtime))
         return _run(job, hooks)
 
@@ -100,7 +123,13 @@ def _reproducible(runtime: Runtime) -> Iterator[None]:
         torch.set_float32_matmul_precision(matmul)
 
 
-def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Path | None) -> _Job:
+def _prepare(
+    config: JobConfig,
+    workdir: Path,
+    runtime: Runtime,
+    resume_from: Path | None,
+    resume_sha256: str | None = None,
+) -> _Job:
     started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -111,7 +140,9 @@ def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Pa
     if runtime.cuda:
         model = model.to(memory_format=torch.channels_last)
     parts = _stateful(model, config, runtime, steps_per_epoch(len(train), config.batch_size))
-    progress = load_checkpoint(resume_from, parts, config) if resume_from else Progress()
+    progress = (
+        load_checkpoint(resume_from, parts, config, resume_sha256) if resume_from else Progress()
+    )
     step_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     geo = Geo(data.centre, data.scale)
     trainer = Trainer(
@@ -119,7 +150,11 @@ def _prepare(config: JobConfig, workdir: Path, runtime: Runtime, resume_from: Pa
         config.max_grad_norm, config.accuracy_radius_m,
     )  # fmt: skip
     checkpoint = str(resume_from.resolve()) if resume_from else None
-    return _Job(config, workdir, data, train, val, trainer, parts, progress, checkpoint, started)
+    checkpoints = workdir / CHECKPOINT_DIR
+    return _Job(
+        config, workdir, data, train, val, trainer, parts, progress, checkpoint, started,
+        checkpoints,
+    )  # fmt: skip
 
 
 def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
@@ -161,12 +196,13 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
         control = _train_epoch(job, hooks)
         if control is Control.CANCEL:
             return _outcome(job, "cancelled")
-        if control is Control.PAUSE and p.step < job.steps:
+        stopping = STOPS.get(control)
+        if stopping and p.step < job.steps:
             _checkpoint(job, hooks)
-            return _outcome(job, "paused")
+            return _outcome(job, stopping)
         _finish_epoch(job, hooks)
-        if control is Control.PAUSE:
-            return _outcome(job, "paused")
+        if stopping:
+            return _outcome(job, stopping)
     path, _ = save_model(
         job.workdir / MODEL_FILE, job.parts.model, job.config, job.data, p.last_metrics
     )
@@ -202,9 +238,8 @@ def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
         p.bad_epochs += 1
     job.parts.schedule.end_epoch(p.epoch + 1, monitored)
     p.epoch, p.step, p.tally, p.last_metrics = p.epoch + 1, 0, {}, metrics
-    hooks.on_epoch(dict(metrics), is_best)
+    hooks.on_epoch(dict(metrics), is_best, _save_checkpoint(job))  # the file first
     job.mark = time.perf_counter()
-    _checkpoint(job, hooks)
 
 
 def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
@@ -227,18 +262,27 @@ def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
     return {key: metrics.get(key) for key in METRIC_KEYS}
 
 
-def _checkpoint(job: _Job, hooks: TrainingHooks) -> None:
-    directory = job.workdir / CHECKPOINT_DIR
-    path, digest = save_checkpoint(directory, job.parts, job.progress, job.config)
+def _save_checkpoint(job: _Job) -> Checkpoint:
+    """Write this attempt's checkpoint of where the job stands (atomically)."""
+    path, digest = save_checkpoint(job.checkpoint_dir, job.parts, job.progress, job.config)
     job.checkpoint = str(path.resolve())
-    hooks.on_checkpoint(job.progress.epoch, job.checkpoint, digest)
+    return Checkpoint(job.progress.epoch, job.checkpoint, digest)
+
+
+def _checkpoint(job: _Job, hooks: TrainingHooks) -> None:
+    """A mid-epoch checkpoint (before a pause or preemption), recorded on its own."""
+    saved = _save_checkpoint(job)
+    hooks.on_checkpoint(saved.epoch, saved.uri, saved.sha256)
 
 
 def _outcome(
-    job: _Job, kind: Literal["completed", "paused", "cancelled"], model_uri: str | None = None
+    job: _Job,
+    kind: Literal["completed", "paused", "preempted", "cancelled"],
+    model_uri: str | None = None,
 ) -> Outcome:
     p = job.progress
     best_val = p.best_loss if len(job.val) else None
+    metrics = dict(p.last_metrics)
     return Outcome(
-        kind, p.epoch, job.checkpoint, dict(p.last_metrics), p.best_epoch, best_val, model_uri
+        kind, p.epoch, job.checkpoint, metrics, p.best_epoch, best_val, model_uri, p.step
     )

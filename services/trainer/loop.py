@@ -52,10 +52,15 @@ class Runtime:
         return f"{self.device} {torch.cuda.get_device_name(self.device)} ({dtype})"
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The job needs a device this trainer does not have: another trainer may run it."""
+
+
 def resolve_runtime(accelerator: str, precision: str) -> Runtime:
-    """CUDA when asked or available; autocast only there (CPU trains in fp32)."""
+    """CUDA when asked or available; autocast only there (CPU trains in fp32).
+    DeviceUnavailableError for a GPU job where CUDA is not available."""
     if accelerator == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("accelerator 'gpu' requested but CUDA is not available here")
+        raise DeviceUnavailableError("accelerator 'gpu' requested but CUDA is not available here")
     if accelerator == "cpu" or not torch.cuda.is_available():
         return Runtime(torch.device("cpu"), None)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
-from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo
+from services.trainer.control import Checkpoint, Control, Metrics, Outcome, StartInfo, StepInfo
 from services.trainer.job import run_training
 from shared.config import JobConfig
 
@@ -62,10 +62,11 @@ class ConsoleHooks:
             return Control.CONTINUE
         return Control.PAUSE if self.interrupts == 1 else Control.CANCEL
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k != "epoch")
         star = " [green]*best*[/]" if is_best else ""
         self.console.print(f"[bold]epoch {metrics['epoch']}[/]{star} {shown}")
+        self.on_checkpoint(checkpoint.epoch, checkpoint.uri, checkpoint.sha256)
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
         self.console.print(f"  checkpoint {uri} (sha256 {sha256[:12]})", style="dim")

@@ -15,9 +15,10 @@ from services.trainer.dataset import split_indices
 from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
 from services.trainer.leases import Lease, LeaseBook
-from services.trainer.loop import resolve_runtime
+from services.trainer.loop import DeviceUnavailableError, resolve_runtime
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
+from shared.bootstrap import STORE_OUTAGES
 from shared.bus import NUDGE_KEYS, Bus, Envelope
 from shared.config import FilesDataset, JobConfig
 from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
@@ -29,6 +30,7 @@ from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
 IDLE_SCAN_SECONDS = 2.0
+PREEMPT_REASON = "the trainer was asked to stop (SIGTERM or SIGINT)"
 
 
 class Trainer:
@@ -39,6 +41,7 @@ class Trainer:
         self.worker = settings.worker_name
         self.leases = LeaseBook(reads, settings.lease_seconds)
         self.current: StoreHooks | None = None
+        self._stopping = False
         self._wake = asyncio.Event()
         bus.subscribe_work(self.on_work)
         bus.subscribe_fanout(NUDGE_KEYS, self.on_nudge)
@@ -52,7 +55,10 @@ class Trainer:
             self.current.nudged.set()
 
     async def run_forever(self, stop: asyncio.Event) -> None:
+        """Take jobs until `stop`; then a running job is checkpointed at its next step
+        boundary and handed back (`Preempted`) before this returns."""
         reaper = asyncio.create_task(self._reap_forever(stop))
+        preempter = asyncio.create_task(self._preempt_when(stop))
         while not stop.is_set():
             try:
                 ran = await self.run_next()
@@ -63,10 +69,20 @@ class Trainer:
                 await wait_event(self._wake, IDLE_SCAN_SECONDS)
                 self._wake.clear()
         reaper.cancel()
+        preempter.cancel()
+
+    async def _preempt_when(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopping = True
+        if self.current is not None:
+            log.info("trainer %s stopping: preempting job %s", self.worker, self.current.job_id)
+            self.current.preempting.set()
 
     async def run_next(self) -> bool:
         """Claim the oldest runnable job and train it; False when there was none."""
         for job_id in await asyncio.to_thread(self.reads.queued_job_ids):
+            if self._stopping:
+                return False
             with job_context(job_id):  # every log line of its claim and its run names it
                 claimed = await asyncio.to_thread(self._claim, UUID(job_id))
                 if claimed is not None:
@@ -75,21 +91,34 @@ class Trainer:
         return False
 
     def _claim(self, job_id: UUID) -> tuple[TrainingJob, StoreHooks] | None:
+        """Claim one queued job; None if it is not ours to run. A job that cannot run
+        anywhere (its config or data is unusable here) fails alone; one that needs a
+        device this trainer lacks stays queued; a store error is raised, to be retried,
+        and never recorded as the job's failure."""
         job = self.jobs.get_job(job_id)
         if job.status != QUEUED:
             return None
-        config = JobConfig.model_validate(job.config)
-        self.leases.renew(str(job_id), self.worker, job.attempt + 1)
         try:
+            config = JobConfig.model_validate(job.config)
             device = resolve_runtime(config.accelerator, config.precision).describe()
             train, val = dataset_sizes(config)
+        except DeviceUnavailableError as error:
+            log.info(
+                "trainer %s: leaving job %s to another trainer: %s", self.worker, job_id, error
+            )
+            return None
+        except Exception as error:  # ValidationError, a vanished file: this job only
+            log.warning("trainer %s: job %s cannot run: %r", self.worker, job_id, error)
+            self._record_failure(job_id, job.attempt + 1, error, claim_first=True)
+            return None
+        self.leases.renew(str(job_id), self.worker, job.attempt + 1)
+        try:
             job = self.jobs.claim(job_id, self.worker, device, train, val)
         except IllegalTransitionError:
             return None
-        except Exception as error:
-            self._record_failure(job_id, job.attempt + 1, error, claim_first=True)
-            return None
         hooks = StoreHooks(self.jobs, job_id, self.worker, job.attempt, self.settings.lease_seconds)
+        if self._stopping:
+            hooks.preempting.set()
         return job, hooks
 
     async def _train(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
@@ -114,10 +143,19 @@ class Trainer:
         resume = Path(job.checkpoint_path) if job.checkpoint_path else None
         log.info("trainer %s: job %s attempt %d", self.worker, job.id, hooks.attempt)
         try:
-            outcome = run_training(config, workdir, hooks, resume_from=resume)
+            outcome = run_training(
+                config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256
+            )
             hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
         except ClaimLostError as lost:
             log.warning("trainer %s: %s; stopping without writing", self.worker, lost)
+        except STORE_OUTAGES as error:  # longer than our patience: the lease decides
+            log.error(
+                "trainer %s: store unreachable (%r); job %s left to its lease",
+                self.worker,
+                error,
+                job.id,
+            )
         except Exception as error:
             log.exception("trainer %s: job %s failed", self.worker, job.id)
             self._record_failure(job.id, hooks.attempt, error)
@@ -141,7 +179,7 @@ class Trainer:
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
             stalled = time.monotonic() - hooks.active_at
-            if stalled > self.settings.stall_seconds:
+            if hooks.in_steps and stalled > self.settings.stall_seconds:
                 log.error(
                     "trainer %s: job %s shows no progress for %.0f s; letting its lease lapse",
                     self.worker,
@@ -196,6 +234,16 @@ def record_outcome(jobs: TrainingJobs, hooks: StoreHooks, outcome: Outcome) -> T
     if outcome.kind == "paused":
         return jobs.record_paused(
             job_id, worker, attempt, outcome.epoch, outcome.checkpoint_uri or ""
+        )
+    if outcome.kind == "preempted":
+        return jobs.preempt(
+            job_id,
+            worker,
+            attempt,
+            PREEMPT_REASON,
+            outcome.epoch,
+            outcome.step,
+            outcome.checkpoint_uri or "",
         )
     return jobs.record_cancelled(job_id, worker, attempt, outcome.epoch)
 

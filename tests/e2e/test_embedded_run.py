@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +85,33 @@ def test_cli_talks_to_the_running_api(embedded: httpx.Client, tmp_path: Path) ->
     assert audit.returncode == 0
     for kind in ("Submitted", "Started", "EpochCompleted", "Completed", "anonymous"):
         assert kind in audit.stdout, audit.stdout
+
+
+@pytest.mark.timeout(600)
+def test_a_sigterm_checkpoints_the_running_job_and_a_restart_finishes_it(tmp_path: Path) -> None:
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "var", poll_seconds=0.05)
+    env = settings_env(settings, api_port=port, api_host="127.0.0.1")
+    slow = tiny_config(epochs=2, batch_size=8, dataset={"samples": 320, "n_mels": 16, "frames": 16})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        first = Service("up", env, tmp_path, "up-1").start()
+        try:
+            wait_healthy(client)
+            job_id = client.post(f"{API}/jobs", json={"job_name": "deploy", "config": slow})
+            job_id = job_id.json()["id"]
+            wait_status(client, job_id, ("running",), timeout=120)
+            assert first.process is not None
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(60) == 0, first.log()[-3000:]
+        finally:
+            first.kill()
+        second = Service("up", env, tmp_path, "up-2").start()
+        try:
+            wait_healthy(client)
+            done = wait_status(client, job_id, ("completed", "failed"), timeout=300)
+            assert done["status"] == "completed", second.log()[-3000:]
+            kinds = [e["kind"] for e in client.get(f"{API}/jobs/{job_id}/events").json()["events"]]
+            assert "Preempted" in kinds and "WorkerLost" not in kinds
+            assert kinds.index("Preempted") < kinds.index("Resumed")
+        finally:
+            second.stop()

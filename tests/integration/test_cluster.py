@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -219,3 +220,24 @@ def test_rabbitmq_restart_mid_run_loses_no_event(cluster: Cluster) -> None:
     assert cluster.metrics_epochs(job_id) == [1, 2, 3, 4]
     assert wait_status(cluster.client, during, FINISHED, timeout=180)["status"] == "completed"
     assert_replay_equals_live(cluster.settings)
+
+
+def test_a_sigterm_hands_the_job_back_and_another_trainer_finishes_it(cluster: Cluster) -> None:
+    first = cluster.trainer("t1")
+    job_id = cluster.submit(epochs=3, **SLOW)
+    wait_status(cluster.client, job_id, ("running",), timeout=120)
+    assert first.process is not None
+    first.process.send_signal(signal.SIGTERM)  # a deploy
+    assert first.process.wait(60) == 0, first.log()[-3000:]
+    handed_back = cluster.events(job_id)[-1]
+    assert (handed_back["kind"], handed_back["status"]) == ("Preempted", "queued")
+    cluster.trainer("t2")
+    done = wait_status(cluster.client, job_id, FINISHED, timeout=300)
+    assert done["status"] == "completed", cluster.logs()
+    kinds = [e["kind"] for e in cluster.events(job_id)]
+    assert "WorkerLost" not in kinds and kinds.count("Resumed") == 1
+    resumed = next(e for e in cluster.events(job_id) if e["kind"] == "Resumed")
+    assert (resumed["data"]["worker"], resumed["data"]["checkpoint_uri"]) == (
+        "t2",
+        handed_back["data"]["checkpoint_uri"],
+    )

@@ -125,3 +125,17 @@ def test_final_model_round_trip(tmp_path: Path) -> None:
     assert meta["input_shape"] == [7, 16, 16]
     assert meta["receivers"][0]["name"] == data.receiver_names[0]
     assert meta["normalisation"] == {"centre": list(data.centre), "scale": list(data.scale)}
+
+
+def test_a_checkpoint_that_changed_after_it_was_recorded_is_refused(tmp_path: Path) -> None:
+    config = tiny_config()
+    parts = _parts(config, seed=1)
+    path, digest = save_checkpoint(tmp_path, parts, Progress(epoch=1), config)
+    assert load_checkpoint(path, _parts(config, seed=2), config, digest).epoch == 1
+    with path.open("r+b") as file:  # one flipped byte, as a bad disk or a stale writer
+        file.seek(200)
+        byte = file.read(1)
+        file.seek(200)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path, _parts(config, seed=2), config, digest)
