@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -10,6 +11,33 @@ from shared.settings import Settings
 
 Json = dict[str, Any]
 PREFIX = "/api/v1/training"
+
+
+def json_problem(value: object, where: str = "") -> str | None:
+    """Where `value` holds what a JSON body cannot carry (YAML gives dates, bytes, NaN, keys
+    that are not strings, lone surrogates), as `config.seed: ...`; None when it all can."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where or 'the top level'}: key {key!r} is not a string"
+            inner = f"{where}.{key}" if where else key
+            if problem := json_problem(key, where) or json_problem(item, inner):
+                return problem
+        return None
+    if isinstance(value, list):
+        found = (json_problem(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return next((problem for problem in found if problem), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value} is not a JSON number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{where}: holds a lone surrogate at index {error.start}, which is not text"
+        return None
+    if value is None or isinstance(value, bool | int | float):
+        return None
+    return f"{where}: a {type(value).__name__} is not JSON; quote it to send it as text"
 
 
 class ApiError(Exception):

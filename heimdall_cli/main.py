@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from heimdall_cli.client import ApiClient, ApiError
+from heimdall_cli.client import ApiClient, ApiError, json_problem
+from shared.domainmodel import STATUSES
 from shared.logs import configure_logging
 from shared.security import ConfigurationError
 from shared.settings import Settings, load_settings
@@ -74,19 +77,80 @@ def trainer() -> None:
     _run_service(run_trainer)
 
 
-def _load_config(path: Path) -> Any:
-    text = path.read_text()
-    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+def _refuse(reason: str) -> NoReturn:
+    """Bad input from the command line: one line on stderr, exit 2 (as a usage error)."""
+    typer.echo(f"heimdall: {reason}", err=True)
+    raise typer.Exit(2)
 
 
-def _fail(error: ApiError) -> None:
+def _load_config(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON (by its suffix) job config file; exit 2 otherwise."""
+    text = _read_text(path)
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        _refuse(f"{path}: not JSON: {error.msg} at line {error.lineno}, column {error.colno}")
+    except yaml.YAMLError as error:
+        _refuse(f"{path}: not YAML: {_yaml_reason(error)}")
+    if raw is None:
+        _refuse(f"{path}: empty; want a mapping of job config fields")
+    if not isinstance(raw, dict):
+        _refuse(f"{path}: holds a {type(raw).__name__}; want a mapping of job config fields")
+    return raw
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        _refuse(f"{path}: no such file")
+    except IsADirectoryError:
+        _refuse(f"{path}: is a directory, not a file")
+    except OSError as error:
+        _refuse(f"{path}: cannot read it ({error.strerror})")
+    except UnicodeDecodeError as error:
+        _refuse(f"{path}: not UTF-8 text (byte {error.start})")
+
+
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    if isinstance(error, yaml.MarkedYAMLError) and mark is not None:
+        return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _job_id(value: str) -> str:
+    """A job id as the api writes it; exit 2 for anything that cannot be one."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        _refuse(f"{value[:60]!r} is not a job id: want a UUID such as {uuid.UUID(int=0)}")
+
+
+def _fail(error: ApiError) -> NoReturn:
+    """The api's answer to a request that failed: a refused input exits 2, the rest 1."""
+    if error.status in (400, 422):
+        _refuse(f"the api refused the input ({error.status}): {_problems(error.detail)}")
     console.print(f"[red]error {error.status}[/red]: {error.detail}")
     raise typer.Exit(1)
 
 
+def _problems(detail: object) -> str:
+    """FastAPI's error list as `config.epochs: message; job_name: message`, on one line."""
+    if not isinstance(detail, list):
+        return " ".join(str(detail).split())
+    return "; ".join(_problem(e) for e in detail if isinstance(e, dict))
+
+
+def _problem(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", [])]
+    field = ".".join(loc[1:] if loc[:1] in (["body"], ["query"], ["header"]) else loc)
+    return f"{field}: {' '.join(str(error.get('msg')).split())}"
+
+
 @app.command()
 def submit(
-    config: Annotated[Path | None, typer.Argument(exists=True, dir_okay=False)] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML or JSON")] = None,
     name: Annotated[str, typer.Option(help="job name")] = "job",
     description: str = "",
     epochs: Annotated[int | None, typer.Option(help="override the config's epochs")] = None,
@@ -94,12 +158,18 @@ def submit(
     watch: Annotated[bool, typer.Option("--watch", help="then watch it live")] = False,
 ) -> None:
     """Submit a job from a YAML/JSON config file and/or flags."""
-    body = _load_config(config) if config else {}
-    body = body if "config" in body else {"config": body}
+    raw = _load_config(config) if config else {}
+    body: dict[str, Any] = dict(raw) if "config" in raw else {"config": raw}
+    where = str(config or "the flags")
+    if not isinstance(body["config"], dict):
+        kind = type(body["config"]).__name__
+        _refuse(f"{where}: config holds a {kind}; want a mapping of job config fields")
     body.setdefault("job_name", name)
     body.setdefault("description", description)
     overrides = {"epochs": epochs, "model_architecture": model}
-    body["config"].update({k: v for k, v in overrides.items() if v is not None})
+    body["config"] = body["config"] | {k: v for k, v in overrides.items() if v is not None}
+    if problem := json_problem(body):
+        _refuse(f"{where}: {problem}")
     try:
         job = ApiClient(Settings()).submit(body)
     except ApiError as error:
@@ -112,7 +182,7 @@ def submit(
 @app.command("watch")
 def watch_job(job_id: str) -> None:
     """Watch a job live until it ends: exit 0 completed, 1 failed, 3 cancelled."""
-    _watch(job_id)
+    _watch(_job_id(job_id))
 
 
 def _watch(job_id: str) -> None:
@@ -131,6 +201,10 @@ def _watch(job_id: str) -> None:
 @app.command()
 def jobs(status: str | None = None, limit: int = 50) -> None:
     """List jobs, newest first."""
+    if status and status not in STATUSES:
+        _refuse(f"--status {status[:60]!r}: want one of {', '.join(STATUSES)}")
+    if limit < 1:
+        _refuse(f"--limit {limit}: want 1 to 500")
     try:
         page = ApiClient(Settings()).jobs(status, limit)
     except ApiError as error:
@@ -153,7 +227,7 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
 
 def _command(job_id: str, action: str) -> None:
     try:
-        job = ApiClient(Settings()).command(job_id, action)
+        job = ApiClient(Settings()).command(_job_id(job_id), action)
     except ApiError as error:
         _fail(error)
     console.print(f"{job['job_id']}: {job['message']}")
@@ -181,7 +255,7 @@ def cancel(job_id: str) -> None:
 def audit(job_id: str) -> None:
     """Who did what to a job, and when: its whole history from the event store."""
     try:
-        page = ApiClient(Settings()).events(job_id)
+        page = ApiClient(Settings()).events(_job_id(job_id))
     except ApiError as error:
         _fail(error)
     table = Table("position", "when (UTC)", "who", "what", "details")
@@ -217,26 +291,37 @@ def replay() -> None:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON")],
+    config: Annotated[Path, typer.Argument(help="YAML or JSON")],
     artifacts: Annotated[Path, typer.Option(help="where checkpoints and model.pt go")] = Path(
         "var/standalone"
     ),
     resume: Annotated[Path | None, typer.Option(help="a checkpoint to resume from")] = None,
 ) -> None:
     """Train in the foreground from a job config, with no store, broker or api."""
-    from services.trainer.standalone import ConfigFileError, train_from_file
+    from services.api.preflight import PreflightError, preflight
+    from services.trainer.checkpoints import CheckpointError
+    from services.trainer.standalone import ConfigFileError, load_job_config, train_from_file
 
+    _load_config(config)  # readable, and a mapping: or exit 2 with the reason
+    if resume is not None and not resume.is_file():
+        _refuse(f"--resume {resume}: no such checkpoint file")
+    if artifacts.exists() and not artifacts.is_dir():
+        _refuse(f"--artifacts {artifacts}: exists and is not a directory")
     try:
+        preflight(load_job_config(config))
         outcome = train_from_file(config, artifacts, console, resume_from=resume)
     except ConfigFileError as error:
-        console.print(f"[red]invalid config[/red]: {error}")
-        raise typer.Exit(2) from None
+        _refuse("; ".join(line.strip() for line in str(error).splitlines()))
+    except PreflightError as error:
+        _refuse(f"{config}: {error.message}")
+    except CheckpointError as error:
+        _refuse(f"--resume {str(error).splitlines()[0]}")
     console.print(f"{outcome.kind} after {outcome.epoch} epochs; model: {outcome.model_uri}")
 
 
 @dataset_app.command("make")
 def dataset_make(
-    path: Path,
+    path: Annotated[str, typer.Argument(help="a directory; made when missing")],
     samples: int = 2048,
     receivers: int = 7,
     n_mels: int = 64,
@@ -247,10 +332,26 @@ def dataset_make(
     from services.trainer.dataset import write_dataset
     from shared.config import SyntheticDataset
 
-    cfg = SyntheticDataset(
-        samples=samples, receivers=receivers, n_mels=n_mels, frames=frames, seed=seed
-    )
-    console.print(f"wrote {write_dataset(path, cfg)}")
+    if not path:
+        _refuse("PATH is empty: want the directory to write the dataset to")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        _refuse(f"{folder}: exists and is not a directory")
+    sizes = {"samples": samples, "receivers": receivers, "n_mels": n_mels, "frames": frames}
+    try:
+        cfg = SyntheticDataset.model_validate({**sizes, "seed": seed})
+    except ValidationError as error:
+        _refuse("; ".join(_option_problem(e) for e in error.errors()))
+    try:
+        console.print(f"wrote {write_dataset(folder, cfg)}")
+    except OSError as error:
+        _refuse(f"{folder}: cannot write the dataset ({error.strerror})")
+
+
+def _option_problem(error: Any) -> str:
+    """A SyntheticDataset field's error as its command-line option's: `--n-mels -1: ...`."""
+    field = str(error["loc"][0])
+    return f"--{field.replace('_', '-')} {error['input']}: {error['msg']}"
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
+import re
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -24,6 +26,27 @@ def known_architectures() -> frozenset[str]:
     import timm
 
     return frozenset(timm.list_models())
+
+
+# C0 and C1 controls, DEL and lone surrogates: PostgreSQL text and jsonb cannot hold NUL,
+# UTF-8 cannot encode a surrogate, and the rest garble terminals, logs and the dashboard.
+_UNSENDABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_LINE_BREAKS = frozenset("\t\n\r")
+
+
+def _sendable(text: str, allowed: frozenset[str] = frozenset()) -> str:
+    """`text` if every character can be stored, echoed and sent; ValueError naming the first."""
+    for found in _UNSENDABLE.finditer(text):
+        if found.group() not in allowed:
+            code = f"U+{ord(found.group()):04X}"
+            raise ValueError(f"control character or lone surrogate {code} at index {found.start()}")
+    return text
+
+
+SafeStr = Annotated[str, AfterValidator(_sendable)]
+"""A string any store, log or client can carry: no control characters, no lone surrogates."""
+SafeText = Annotated[str, AfterValidator(partial(_sendable, allowed=_LINE_BREAKS))]
+"""A SafeStr that may also span lines: tab, line feed and carriage return are allowed."""
 
 
 class _Strict(BaseModel):
@@ -45,7 +68,7 @@ class FilesDataset(_Strict):
     """A dataset written to disk by `heimdall dataset make` (see README)."""
 
     kind: Literal["files"]
-    path: str = Field(min_length=1)
+    path: SafeStr = Field(min_length=1)
 
 
 def _dataset_kind(value: object) -> str:
@@ -68,9 +91,9 @@ class JobConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.05, ge=0, le=10)
-    model_architecture: str = "convnext_atto"
+    model_architecture: SafeStr = "convnext_atto"
     pretrained: bool = False
-    pretrained_path: str | None = None
+    pretrained_path: SafeStr | None = None
     dropout_rate: float = Field(0.0, ge=0, le=0.9)
     lr_scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0, le=1000)

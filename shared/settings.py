@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         le=1000,
         description="new jobs saved in one transaction at most; 1: each alone",
     )
+    max_dataset_bytes: int = Field(
+        4 * 2**30,
+        ge=1,
+        description="a job's float32 inputs must fit in this many bytes; larger jobs are"
+        " refused at submit",
+    )
     read_wait_seconds: float = Field(
         5.0,
         gt=0,

@@ -16,6 +16,7 @@ from services.api.auth import RequireKey, SocketGate
 from services.api.deps import ApiContext
 from services.api.freshness import NotReadableYetError, not_readable_yet
 from services.api.hub import Hub
+from services.api.inputs import BlankInputs
 from services.api.limits import BodyLimit
 from services.api.metrics import HttpMetrics
 from services.api.routes import dashboard, events, health, jobs, metrics, ws
@@ -50,6 +51,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     app.state.hub = Hub(context.settings.ws_queue)
     context.bus.subscribe_fanout(ALL_KEYS, app.state.hub.relay)
     app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
+    app.add_middleware(BlankInputs)
     app.add_middleware(RequireKey, keys=context.settings.api_keys)
     app.state.sockets = SocketGate(context.settings.api_keys, context.settings.ws_clients_per_key)
     if context.settings.cors_origins:

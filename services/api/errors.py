@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from services.api.preflight import PreflightError
 from shared.application import IdempotencyConflictError, JobNotFoundError
 from shared.domainmodel import TrainingJobError
 
@@ -37,6 +38,7 @@ OUTAGES = (
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(PreflightError, _cannot_run)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(TrainingJobError, _conflict)
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
@@ -48,20 +50,32 @@ def install(app: FastAPI) -> None:
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
-    encoded = _finite(jsonable_encoder(errors))
+    encoded = _sendable(jsonable_encoder(errors))
     if any(_not_json(e) for e in errors):
         return JSONResponse({"detail": "malformed JSON body", "errors": encoded}, status_code=400)
     return JSONResponse({"detail": encoded}, status_code=422)
 
 
-def _finite(value: object) -> object:
-    """Echoed inputs may hold NaN or infinities (`1e400`), which JSON cannot carry."""
+async def _cannot_run(request: Request, exc: Exception) -> JSONResponse:
+    """A config that validates but cannot run, in the shape of FastAPI's own 422."""
+    assert isinstance(exc, PreflightError)
+    loc = ["body", "config", *exc.field.split(".")]
+    error = {"type": "preflight", "loc": loc, "msg": exc.message}
+    return JSONResponse({"detail": [_sendable(error)]}, status_code=422)
+
+
+def _sendable(value: object) -> object:
+    """Echoed inputs may hold what JSON or UTF-8 cannot carry: NaN and infinities (`1e400`)
+    become their names, lone surrogates (`"\\ud800"`) and other unencodable characters
+    their backslash escapes, in keys and values alike."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_sendable(k): _sendable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [_sendable(v) for v in value]
     return value
 
 

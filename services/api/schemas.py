@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.application import StoredJobEvent
 from shared.bus import routing_key, websocket_event
-from shared.config import JobConfig
+from shared.config import JobConfig, SafeStr, SafeText
 from shared.readmodel.shapes import JobView, MetricRow
 
 __all__ = ["Job", "MetricRow"]
@@ -18,8 +18,8 @@ __all__ = ["Job", "MetricRow"]
 class SubmitJob(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    job_name: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=10_000)
+    job_name: SafeStr = Field(min_length=1, max_length=200)
+    description: SafeText = Field("", max_length=10_000)
     config: JobConfig = Field(default_factory=JobConfig)
 
 

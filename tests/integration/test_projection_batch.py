@@ -74,7 +74,8 @@ def test_upsert_many_equals_one_upsert_after_another(
     """Under COPY_FROM_ROWS a plain upsert per row; from it (PostgreSQL) COPY into a staging
     table, then one upsert: both leave the last row of each key, and update existing ones."""
     _, reads = store
-    metric = dict.fromkeys(METRIC_COLUMNS) | {"recorded_at": "2026-11-29T00:00:00+00:00"}
+    moment = "2026-11-29T00:00:00+00:00"
+    metric = dict.fromkeys(METRIC_COLUMNS) | {"recorded_at": moment, "timestamp": moment}
     existing = {**metric, "job_id": "j0", "epoch": 0, "train_loss": 9.0, "position": 1}
     batch = [
         {**metric, "job_id": f"j{i % 5}", "epoch": i % 7, "train_loss": float(i), "position": i}

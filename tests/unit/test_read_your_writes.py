@@ -173,6 +173,10 @@ def drive_every_kind(d: Driver) -> None:
     d.trainer(e, lambda j: j.fail(TRAINER, 1, "boom", "RuntimeError"))
     f = d.http("POST", "/jobs", json={"job_name": "f"})
     d.http("DELETE", f"/jobs/{f}")  # a queued job: cancelled at once
+    g = d.http("POST", "/jobs", json={"job_name": "g"})
+    d.trainer(g, claim)
+    d.trainer(g, lambda j: j.preempt(TRAINER, 1, "deploy", 0, 3, "/c/g.pt"))  # queued again
+    d.http("DELETE", f"/jobs/{g}")
 
 
 def test_every_message_carries_the_status_the_read_table_has(sqlite_settings: Settings) -> None:
@@ -187,7 +191,7 @@ def test_every_message_carries_the_status_the_read_table_has(sqlite_settings: Se
         driver = Driver(client, context)
         drive_every_kind(driver)
         kinds = {kind for kind, _ in driver.seen.values()}
-        assert len(kinds) == 14, kinds  # every event kind of DESIGN §3
+        assert len(kinds) == 15, kinds  # every event kind of DESIGN §3
         expected = {p: status for p, (_, status) in driver.seen.items()}
         history = client.get(f"{API}/events", params={"limit": 1000}).json()["events"]
         assert {e["position"]: e["status"] for e in history} == expected

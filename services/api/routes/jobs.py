@@ -6,10 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, TypeAdapter
+from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import current_client
 from services.api.deps import ActorDep, ContextDep, JobIdDep, read_after, require_database
 from services.api.freshness import POSITION_HEADER
+from services.api.preflight import preflight
 from services.api.schemas import (
     ERROR_RESPONSES,
     CommandResult,
@@ -61,6 +63,7 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
+    await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
     config = body.config.model_dump(mode="json")
     accepted = await context.commands.submit(
         body.job_name, body.description, config, actor, idempotency_key

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from services.trainer.control import Metrics, NullHooks
+from services.trainer.control import Checkpoint, Metrics, NullHooks
 from services.trainer.dataset import haversine_m
 from services.trainer.job import run_training
 from services.trainer.loop import (
@@ -48,7 +48,7 @@ class EpochLog(NullHooks):
     def __init__(self) -> None:
         self.epochs: list[Metrics] = []
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
         self.epochs.append(metrics)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.trainer.checkpoints import load_model
-from services.trainer.control import Control, Metrics, Outcome, StartInfo, StepInfo
+from services.trainer.control import Checkpoint, Control, Metrics, Outcome, StartInfo, StepInfo
 from services.trainer.job import METRIC_KEYS, run_training
 from shared.config import JobConfig
 from tests.unit.trainer.configs import tiny_config
@@ -31,8 +31,9 @@ class ScriptedHooks:
         self.steps.append(step)
         return self.script.get((step.epoch, step.step), Control.CONTINUE)
 
-    def on_epoch(self, metrics: Metrics, is_best: bool) -> None:
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
         self.epochs.append((metrics, is_best))
+        self.on_checkpoint(checkpoint.epoch, checkpoint.uri, checkpoint.sha256)
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
         assert Path(uri).is_file()

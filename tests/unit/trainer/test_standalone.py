@@ -42,7 +42,7 @@ def test_a_yaml_job_on_a_files_dataset_writes_checkpoints_and_model(tmp_path: Pa
     outcome = train_from_file(config, tmp_path / "artifacts", Console(file=out, width=200))
 
     assert outcome.kind == "completed" and outcome.epoch == 2
-    names = sorted(p.name for p in (tmp_path / "artifacts" / "checkpoints").iterdir())
+    names = sorted(p.name for p in (tmp_path / "artifacts" / "checkpoints" / "attempt-1").iterdir())
     assert names == ["epoch-0001.pt", "epoch-0002.pt"]
     model, meta = load_model(tmp_path / "artifacts" / "model.pt")
     assert meta["config"]["model_architecture"] == "resnet18"

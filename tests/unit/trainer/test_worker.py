@@ -92,11 +92,12 @@ async def test_a_store_error_while_claiming_is_retried_not_the_jobs_failure(
 async def test_every_epoch_is_stored_with_its_checkpoint_or_not_at_all(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from services.trainer import checkpoints
     from services.trainer import job as run
 
     job_id = stack.submit(epochs=2)
     await stack.project()
-    real_save = run.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def disk_full_on_the_second(directory: Path, parts: Any, progress: Any, config: Any) -> Any:
         if progress.epoch == 2:

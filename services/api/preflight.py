@@ -1,0 +1,210 @@
+"""Refuses at submit a job config that validates but cannot run, before anything is stored.
+
+The trainer keeps its own checks; these run first so that a job which would fail on its
+first step is a 422 naming the field, not a `Failed` job minutes later. The model is built
+on PyTorch's `meta` device (shapes only, no memory, no arithmetic) by the trainer's own
+`build_model`, and its verdict cached per architecture, input shape and batch size.
+torch and timm are imported on first use: the api starts without them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from services.trainer.dataset import INPUTS_FILE, POSITIONS_FILE, RECEIVERS_FILE
+from shared.config import FilesDataset, JobConfig, SyntheticDataset
+
+if TYPE_CHECKING:
+    from services.trainer.model import Localiser
+
+MAX_DATASET_BYTES = 4 * 2**30
+MAX_DEVICES = 1
+FLOAT32_BYTES = 4
+FILES_PATH = "dataset.path"
+ANY_SIZE_MODELS = "convnext_atto or resnet18"
+Shape = tuple[int, int, int, int]  # samples, receivers, n_mels, frames
+# Loading real weights into a meta model copies nothing, by design; torch says so per tensor.
+META_COPY_WARNING = "for .*: copying from a non-meta parameter"
+
+
+class PreflightError(ValueError):
+    """`field` (dotted, under the config: `dataset.path`) cannot run as given; `message` says
+    why and what to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def preflight(
+    config: JobConfig, max_dataset_bytes: int = MAX_DATASET_BYTES, max_devices: int = MAX_DEVICES
+) -> None:
+    """Refuse a config no trainer can run; PreflightError names the first field at fault.
+
+    Checks, in order: `devices` <= `max_devices`; the dataset's inputs (float32
+    `[samples, receivers, n_mels, frames]`) fit in `max_dataset_bytes`; a files dataset is
+    a readable dataset directory; the model builds for `[batch_size, receivers, n_mels,
+    frames]` inputs and one training-mode forward pass goes through (batch norm needs
+    `batch_size` >= 2); `pretrained_path` holds weights that fit the model. Reads local
+    files but writes nothing. Builds the model only for an architecture, shape and batch
+    size not seen before (35-160 ms on a CPU; about a microsecond after, see
+    `model_verdict`); a `pretrained_path` is read on every call. Blocking: call it from a
+    worker thread in async code.
+    """
+    if config.devices > max_devices:
+        raise PreflightError(
+            "devices",
+            f"devices {config.devices}: a trainer here runs a job on at most {max_devices}"
+            f" device(s); use devices: {max_devices}",
+        )
+    shape = dataset_shape(config.dataset)
+    _check_memory(config.dataset, shape, max_dataset_bytes)
+    verdict = model_verdict(config.model_architecture, shape[1:], config.batch_size)
+    if verdict is not None:
+        raise PreflightError(*verdict)
+    if config.pretrained_path:
+        _check_weights(config, shape[1:])
+
+
+def dataset_shape(dataset: SyntheticDataset | FilesDataset) -> Shape:
+    """`[samples, receivers, n_mels, frames]` of the inputs; a files dataset's from its
+    file headers (nothing else is read). PreflightError when the directory is no dataset."""
+    if isinstance(dataset, SyntheticDataset):
+        return dataset.samples, dataset.receivers, dataset.n_mels, dataset.frames
+    folder = Path(dataset.path)
+    if not folder.is_dir():
+        raise PreflightError(FILES_PATH, f"{folder}: not a directory (see heimdall dataset make)")
+    inputs = _array_shape(folder / INPUTS_FILE, ndim=4)
+    positions = _array_shape(folder / POSITIONS_FILE, ndim=2)
+    receivers = _receiver_count(folder / RECEIVERS_FILE)
+    if positions != (inputs[0], 2):
+        raise PreflightError(
+            FILES_PATH, f"{folder / POSITIONS_FILE}: shape {positions}, want ({inputs[0]}, 2)"
+        )
+    if inputs[1] != receivers:
+        raise PreflightError(
+            FILES_PATH,
+            f"{folder / INPUTS_FILE}: {inputs[1]} receivers, {RECEIVERS_FILE} lists {receivers}",
+        )
+    if inputs[0] < 2:
+        raise PreflightError(FILES_PATH, f"{folder / INPUTS_FILE}: needs at least 2 samples")
+    return inputs[0], inputs[1], inputs[2], inputs[3]
+
+
+def _array_shape(file: Path, ndim: int) -> tuple[int, ...]:
+    """The shape in a .npy header, mapped rather than read; float arrays only."""
+    try:
+        array: Any = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise PreflightError(FILES_PATH, f"{file}: cannot read a .npy array ({error})") from error
+    if not isinstance(array, np.ndarray) or array.ndim != ndim or array.dtype.kind != "f":
+        got = f"{array.ndim}-d {array.dtype}" if isinstance(array, np.ndarray) else "no array"
+        raise PreflightError(FILES_PATH, f"{file}: want a {ndim}-d float array, got {got}")
+    return tuple(int(n) for n in array.shape)
+
+
+def _receiver_count(file: Path) -> int:
+    try:
+        sites = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PreflightError(FILES_PATH, f"{file}: cannot read JSON ({error})") from error
+    fields = {"name", "lat", "lon"}
+    if not isinstance(sites, list) or not all(
+        isinstance(s, dict) and fields <= s.keys() for s in sites
+    ):
+        raise PreflightError(FILES_PATH, f"{file}: want a list of {{name, lat, lon}}")
+    return len(sites)
+
+
+def _check_memory(dataset: SyntheticDataset | FilesDataset, shape: Shape, limit: int) -> None:
+    samples, receivers, n_mels, frames = shape
+    need = samples * receivers * n_mels * frames * FLOAT32_BYTES
+    if need <= limit:
+        return
+    field = "dataset" if isinstance(dataset, SyntheticDataset) else FILES_PATH
+    raise PreflightError(
+        field,
+        f"the inputs take {need} bytes ({samples} samples x {receivers} receivers x"
+        f" {n_mels} x {frames} float32), over the {limit} bytes a trainer holds:"
+        " use fewer samples or smaller maps",
+    )
+
+
+@lru_cache(maxsize=512)
+def model_verdict(
+    architecture: str, maps: tuple[int, int, int], batch: int
+) -> tuple[str, str] | None:
+    """None when `architecture` trains on `[batch, *maps]` inputs, else (field, message).
+
+    Cached: the answer depends on nothing else (dropout and weights change no shape).
+    """
+    import torch
+
+    receivers, n_mels, frames = maps
+    try:
+        model = _meta_model(architecture, receivers, (n_mels, frames))
+        if batch == 1 and _uses_batch_norm(model):
+            return "batch_size", f"batch_size 1: {architecture} uses batch norm; use 2 or more"
+        with torch.device("meta"), torch.no_grad():
+            model.train()
+            model(torch.zeros(batch, *maps))
+    except Exception as error:  # timm models fail in their own ways on shapes they refuse
+        return "model_architecture", _cannot_take(architecture, maps, error)
+    return None
+
+
+def _meta_model(architecture: str, in_chans: int, size: tuple[int, int]) -> Localiser:
+    """The trainer's model, built and probed on the `meta` device (no weights)."""
+    import torch
+
+    from services.trainer.model import build_model
+
+    with torch.device("meta"):
+        return build_model(JobConfig(model_architecture=architecture), in_chans, size)
+
+
+def _uses_batch_norm(model: Localiser) -> bool:
+    """Batch norm in training needs two values per channel or more; one sample may give one."""
+    from torch import nn
+
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(module, norms) for module in model.modules())
+
+
+def _cannot_take(architecture: str, maps: tuple[int, int, int], error: Exception) -> str:
+    from timm.models import get_pretrained_cfg
+
+    _, n_mels, frames = maps
+    cfg = get_pretrained_cfg(architecture)
+    if cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size[1:]) != (n_mels, frames):
+        height, width = cfg.input_size[1:]
+        return (
+            f"{architecture} takes only {height}x{width} maps (a fixed input size) and this"
+            f" dataset's are {n_mels}x{frames} (n_mels x frames): make them {height}x{width}"
+            f" (dataset.n_mels: {height}, dataset.frames: {width}) or choose a model that"
+            f" takes any size, such as {ANY_SIZE_MODELS}"
+        )
+    reason = (str(error).splitlines() or [""])[0] or type(error).__name__
+    if reason.startswith(f"model {architecture} "):  # the trainer's probe names model and shape
+        return reason
+    shape = f"{list(maps)} (receivers, n_mels, frames)"
+    return f"{architecture} cannot take inputs of {shape}: {reason}"
+
+
+def _check_weights(config: JobConfig, maps: tuple[int, int, int]) -> None:
+    """`pretrained_path` is a state_dict the trainer can load into this model."""
+    from services.trainer.model import load_backbone_weights
+
+    model = _meta_model(config.model_architecture, maps[0], maps[1:])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", META_COPY_WARNING, UserWarning)
+            load_backbone_weights(model.backbone, Path(str(config.pretrained_path)))
+    except ValueError as error:
+        raise PreflightError("pretrained_path", str(error)) from error
