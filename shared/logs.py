@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,31 @@ class JobIdFilter(logging.Filter):
             job_id = current_job.get()
             if job_id is not None:
                 record.job_id = job_id
+        return True
+
+
+# A secret in a URL or a header: `?token=KEY` (the dashboard's WebSockets) and
+# `Authorization: Bearer KEY`.
+_SECRETS = re.compile(
+    r"((?:[?&]token=)|(?:authorization[\"']?\s*[:=,]\s*[\"']?(?:bearer\s+)?))[^&\s\"',)]+", re.I
+)
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with API keys in URLs and Authorization headers replaced by [redacted]."""
+    return _SECRETS.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+class RedactFilter(logging.Filter):
+    """No API key reaches a log line: uvicorn's access and WebSocket lines include the
+    query string, and any line may quote a request's headers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
         return True
 
 
@@ -77,6 +103,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(JobIdFilter())
+    handler.addFilter(RedactFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 
 import psycopg
 import psycopg_pool
@@ -44,7 +45,16 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
     for outage in OUTAGES:
         app.add_exception_handler(outage, _unavailable)
+    app.add_exception_handler(sqlite3.OperationalError, _sqlite_error)
     app.add_exception_handler(Exception, _internal)
+
+
+async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
+    """A SQLite file locked by another writer past its wait is an outage (503); any other
+    SQLite error is ours (500)."""
+    if any(word in str(exc) for word in ("locked", "busy")):
+        return await _unavailable(request, exc)
+    return await _internal(request, exc)
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -1,8 +1,10 @@
-"""Trainer leases: a heartbeat row per running job, so a dead trainer is noticed."""
+"""Trainer leases: a heartbeat row per running job, so a dead trainer is noticed.
+
+Expiry is judged by the database's clock alone (`ReadStore.NOW_SQL`), so trainers on hosts
+whose clocks disagree never see each other's healthy leases as lapsed."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from shared.domainmodel import ACTIVE_RUN
@@ -14,7 +16,8 @@ class Lease:
     job_id: str
     worker: str
     attempt: int
-    expires_at: float
+    expires_at: float  # seconds since the epoch, by the database's clock
+    expired: bool
 
 
 class LeaseBook:
@@ -26,15 +29,14 @@ class LeaseBook:
     def renew(self, job_id: str, worker: str, attempt: int) -> None:
         """Take or extend the lease of `attempt`. A trainer of an older attempt (one that
         hung and woke up) never takes the lease back from the one that replaced it."""
-        expires = time.time() + self.lease_seconds
         with self.store.transaction() as tx:
             tx.execute(
                 "INSERT INTO trainer_leases (job_id, worker, attempt, expires_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
+                f" VALUES (?, ?, ?, {self.store.NOW_SQL} + ?) ON CONFLICT (job_id) DO UPDATE SET"
                 " worker = excluded.worker, attempt = excluded.attempt,"
                 " expires_at = excluded.expires_at"
                 " WHERE trainer_leases.attempt <= excluded.attempt",
-                [job_id, worker, attempt, expires],
+                [job_id, worker, attempt, self.lease_seconds],
             )
 
     def release(self, job_id: str, worker: str, attempt: int) -> None:
@@ -51,12 +53,19 @@ class LeaseBook:
             rows = tx.fetchall(
                 "SELECT j.id FROM training_jobs j LEFT JOIN trainer_leases l ON l.job_id = j.id"
                 f" WHERE j.status IN ({placeholders})"
-                " AND (l.expires_at IS NULL OR l.expires_at < ?)",
-                [*sorted(ACTIVE_RUN), time.time()],
+                f" AND (l.expires_at IS NULL OR l.expires_at < {self.store.NOW_SQL})",
+                sorted(ACTIVE_RUN),
             )
         return [str(r["id"]) for r in rows]
 
     def holder(self, job_id: str) -> Lease | None:
         with self.store.transaction() as tx:
-            rows = tx.fetchall("SELECT * FROM trainer_leases WHERE job_id = ?", [job_id])
-        return Lease(**rows[0]) if rows else None
+            rows = tx.fetchall(
+                "SELECT job_id, worker, attempt, expires_at,"
+                f" CASE WHEN expires_at < {self.store.NOW_SQL} THEN 1 ELSE 0 END AS expired"
+                " FROM trainer_leases WHERE job_id = ?",
+                [job_id],
+            )
+        if not rows:
+            return None
+        return Lease(**{**rows[0], "expired": bool(rows[0]["expired"])})

@@ -14,7 +14,7 @@ from services.trainer.control import Outcome
 from services.trainer.dataset import split_indices
 from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
-from services.trainer.leases import Lease, LeaseBook
+from services.trainer.leases import LeaseBook
 from services.trainer.loop import DeviceUnavailableError, resolve_runtime
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
@@ -208,7 +208,7 @@ class Trainer:
         for job_id in self.leases.lapsed():
             lease = self.leases.holder(job_id)
             job = self.jobs.get_job(UUID(job_id))
-            if lease is not None and lease.attempt == job.attempt and not _expired(lease):
+            if lease is not None and lease.attempt == job.attempt and not lease.expired:
                 continue
             self._lose(job.id, job.attempt)
             lost.append(job_id)
@@ -256,10 +256,6 @@ def dataset_sizes(config: JobConfig) -> tuple[int, int]:
         n = config.dataset.samples
     train, val = split_indices(n, config.validation_split, config.seed)
     return len(train), len(val)
-
-
-def _expired(lease: Lease) -> bool:
-    return lease.expires_at < time.time()
 
 
 def build_trainer(settings: Settings, jobs: TrainingJobs, reads: ReadStore, bus: Bus) -> Trainer:

@@ -53,6 +53,8 @@ class _PostgresTx:
 
 
 class PostgresReadStore(ReadStore):
+    NOW_SQL = "EXTRACT(EPOCH FROM clock_timestamp())"
+
     def __init__(self, url: str, schema: str, pool_size: int = 10) -> None:
         self.pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             url,

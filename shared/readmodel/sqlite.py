@@ -11,6 +11,9 @@ from typing import Any
 from shared.readmodel.schema import upsert
 from shared.readmodel.store import ReadStore, Row, Tx, rows_of
 
+# How long a transaction waits for another writer's lock before "database is locked".
+LOCK_WAIT_SECONDS = 5.0
+
 
 class _SQLiteTx:
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -33,6 +36,8 @@ class _SQLiteTx:
 
 
 class SQLiteReadStore(ReadStore):
+    NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -40,16 +45,22 @@ class SQLiteReadStore(ReadStore):
             conn.execute("PRAGMA journal_mode=WAL")
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=LOCK_WAIT_SECONDS, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT_SECONDS * 1000)}")
         return conn
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
+        """A write transaction; "database is locked" after `LOCK_WAIT_SECONDS` of waiting
+        for another writer (the api answers that with 503)."""
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            conn.close()
+            raise
+        try:
             yield _SQLiteTx(conn)
             conn.execute("COMMIT")
         except BaseException:

@@ -47,6 +47,10 @@ def last_per_key(key: Sequence[str], rows: Sequence[Row]) -> list[Row]:
 class ReadStore(ABC):
     """Rows for queries; positions and rows written in one transaction by the projector."""
 
+    # The database's own clock in seconds since the epoch, as SQL: every host that compares
+    # times (leases) reads this one clock, never its own.
+    NOW_SQL = "0"
+
     @abstractmethod
     @contextmanager
     def transaction(self) -> Iterator[Tx]:

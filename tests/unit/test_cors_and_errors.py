@@ -92,3 +92,22 @@ def test_sql_in_input_is_only_data(sqlite_settings: Settings) -> None:
         assert injected.status_code == 422
     with pytest.raises(ValueError, match="database_schema"):
         Settings(database_schema='public"; DROP SCHEMA public CASCADE; --', _env_file=None)
+
+
+def test_a_locked_sqlite_read_store_is_a_503_not_a_500(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.readmodel import sqlite as read_sqlite
+
+    with app_client(sqlite_settings) as client:
+        monkeypatch.setattr(read_sqlite, "LOCK_WAIT_SECONDS", 0.2)
+        holder = sqlite3.connect(sqlite_settings.data_dir / "read.sqlite", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than the wait
+        try:
+            response = client.get(f"{API}/jobs")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+    assert "locked" not in response.text  # no SQLite detail reaches the client

@@ -86,3 +86,16 @@ async def test_the_projectors_lines_carry_the_job_id(
     records = lines(capsys.readouterr().err)
     projected = [r for r in records if r["message"] == "projected position 1"]
     assert [r["job_id"] for r in projected] == [str(job.id)]
+
+
+def test_api_keys_never_reach_a_log_line(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("json", "INFO")
+    access = logging.getLogger("uvicorn.access")
+    access.info('%s - "%s %s"', "1.2.3.4", "GET", "/?token=s3cretKEY&x=1")
+    logging.getLogger("uvicorn.error").info('"WebSocket /ws/training?token=s3cretKEY" [accepted]')
+    logging.getLogger("heimdall").info("headers %s", {"authorization": "Bearer s3cretKEY"})
+    err = capsys.readouterr().err
+    assert "s3cretKEY" not in err, err
+    assert err.count("[redacted]") == 3

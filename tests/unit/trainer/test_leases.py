@@ -42,3 +42,24 @@ def test_a_stale_trainer_that_wakes_up_neither_steals_nor_drops_the_lease(book: 
     assert holder and (holder.worker, holder.attempt) == ("trainer-b", 2)
     book.release("job", "trainer-b", 2)
     assert book.holder("job") is None
+
+
+def test_leases_are_judged_by_the_databases_clock_not_the_hosts(
+    book: LeaseBook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # a renewer an hour behind
+    book.renew("job", "trainer-a", 1)
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # a reaper an hour ahead
+    holder = book.holder("job")
+    assert holder is not None and not holder.expired
+    assert abs(holder.expires_at - (real() + 30)) < 5
+
+
+def test_a_lease_past_its_time_is_expired(tmp_path: Path) -> None:
+    store = SQLiteReadStore(tmp_path / "read.sqlite")
+    store.create_tables()
+    short = LeaseBook(store, lease_seconds=-1.0)
+    short.renew("job", "trainer-a", 1)
+    holder = short.holder("job")
+    assert holder is not None and holder.expired
