@@ -57,7 +57,7 @@ class StoreCollector(Collector):
         return [*families, up]
 
     def _fill(self, *families: GaugeMetricFamily) -> None:
-        store, positions, lag, publish_lag, *jobs = families
+        store, positions, lag, publish_lag, stuck, *jobs = families
         head = int(self.jobs.recorder.max_notification_id() or 0)
         at = self.reads.positions()
         store.add_metric([], head)
@@ -65,6 +65,9 @@ class StoreCollector(Collector):
             positions.add_metric([stage], at[stage])
         lag.add_metric([], max(0, head - at["projected"]))
         publish_lag.add_metric([], max(0, head - at["published"]))
+        faults = {str(f["stage"]): int(f["position"]) for f in self.reads.faults()}
+        for stage in ("projecting", "publishing"):
+            stuck.add_metric([stage], faults.get(stage, 0))
         if jobs:
             counts = self.reads.count_by_status()
             for status in STATUSES:
@@ -81,6 +84,11 @@ class StoreCollector(Collector):
             ),
             GaugeMetricFamily(
                 "heimdall_projector_publish_lag_events", "Store position minus published position"
+            ),
+            GaugeMetricFamily(
+                "heimdall_projector_stuck_position",
+                "The position the projector keeps failing on (0: none); see /health",
+                labels=["stage"],
             ),
         ]
         if self.job_counts:

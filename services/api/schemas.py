@@ -81,6 +81,9 @@ class Health(BaseModel):
     store: str
     read_store: str
     broker: str
+    projection: str = Field(
+        "ok", description="ok, or the position the projector is stuck on, since when, and why"
+    )
 
 
 class ErrorOut(BaseModel):

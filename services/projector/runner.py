@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -19,6 +20,7 @@ from shared.waiting import retrying_until, wait_event
 
 log = logging.getLogger(__name__)
 BATCH = 500
+PROJECTING = "projecting"
 
 
 class Projector:
@@ -41,6 +43,7 @@ class Projector:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Told each projected position, on the event loop (an embedded api's read waits).
         self.projected_hooks: list[Callable[[int], None]] = []
+        self._faulted = True  # a fault left by an earlier run is cleared by the first success
 
     def wake(self) -> None:
         """Look at the store now; safe from any thread (the embedded api's routes)."""
@@ -69,8 +72,6 @@ class Projector:
         try:
             projected = await asyncio.to_thread(self.projection.process_batch, batch)
         except Exception:
-            if len(batch) == 1:
-                raise
             for notification in batch:  # one at a time: a failure names its event
                 with job_context(notification.originator_id):
                     await self._project(notification)
@@ -83,7 +84,9 @@ class Projector:
         self._projected(batch[-1].id)
 
     async def _project(self, notification: Notification) -> None:
-        """One event; its log lines (a failure included) carry its job id."""
+        """One event; its log lines (a failure included) carry its job id. A failure is
+        recorded as the projector's fault (for /health and /metrics) before it is raised
+        and retried; the event is never skipped."""
         try:
             if await asyncio.to_thread(self.projection.process, notification):
                 EVENTS_PROJECTED.inc()
@@ -91,9 +94,17 @@ class Projector:
             self._projected(notification.id)
         except Exception as error:
             log.warning("projecting position %d failed: %r", notification.id, error)
+            with contextlib.suppress(Exception):  # the read store itself may be down
+                await asyncio.to_thread(
+                    self.store.record_fault, PROJECTING, notification.id, repr(error)
+                )
+                self._faulted = True
             raise
 
     def _projected(self, position: int) -> None:
+        if self._faulted:  # past what it was stuck on
+            self.store.clear_fault(PROJECTING)
+            self._faulted = False
         for hook in self.projected_hooks:
             hook(position)
 

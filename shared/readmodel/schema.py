@@ -28,6 +28,9 @@ DDL = (
         name TEXT PRIMARY KEY, position BIGINT NOT NULL)""",
     "INSERT INTO projector_positions VALUES ('projected', 0) ON CONFLICT (name) DO NOTHING",
     "INSERT INTO projector_positions VALUES ('published', 0) ON CONFLICT (name) DO NOTHING",
+    """CREATE TABLE IF NOT EXISTS projector_faults (
+        stage TEXT PRIMARY KEY, position BIGINT NOT NULL, error TEXT NOT NULL,
+        since TEXT NOT NULL, attempts BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS read_shape (
         name TEXT PRIMARY KEY, digest TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS trainer_leases (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.readmodel.schema import (
@@ -138,6 +139,29 @@ class ReadStore(ABC):
         with self.transaction() as tx:
             rows = tx.fetchall("SELECT name, position FROM projector_positions")
         return {str(r["name"]): int(r["position"]) for r in rows}
+
+    def record_fault(self, stage: str, position: int, error: str) -> None:
+        """The projector cannot get past `position` (`stage`: projecting or publishing):
+        kept until it does, counting the attempts, for /health and /metrics."""
+        with self.transaction() as tx:
+            tx.execute(
+                "INSERT INTO projector_faults VALUES (?, ?, ?, ?, 1) ON CONFLICT (stage) DO"
+                " UPDATE SET error = excluded.error, attempts = CASE WHEN"
+                " projector_faults.position = excluded.position THEN projector_faults.attempts"
+                " + 1 ELSE 1 END, since = CASE WHEN projector_faults.position ="
+                " excluded.position THEN projector_faults.since ELSE excluded.since END,"
+                " position = excluded.position",
+                [stage, position, error[:2000], datetime.now(UTC).isoformat()],
+            )
+
+    def clear_fault(self, stage: str) -> None:
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM projector_faults WHERE stage = ?", [stage])
+
+    def faults(self) -> list[Row]:
+        """What the projector is stuck on: stage, position, error, since, attempts."""
+        with self.transaction() as tx:
+            return tx.fetchall("SELECT * FROM projector_faults ORDER BY stage")
 
     def record_published(self, position: int) -> None:
         with self.transaction() as tx:
