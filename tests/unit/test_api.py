@@ -606,7 +606,13 @@ def test_internal_errors_and_outages_leak_nothing(
 def test_health_is_ok(api: Api) -> None:
     response = api.client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "store": "ok", "read_store": "ok", "broker": "ok"}
+    assert response.json() == {
+        "status": "ok",
+        "store": "ok",
+        "read_store": "ok",
+        "broker": "ok",
+        "projection": "ok",
+    }
 
 
 def test_health_names_what_is_down(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
