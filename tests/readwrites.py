@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 API = "/api/v1/training"
 ROUNDS = 50
 
 
-class Client(Protocol):
-    def get(self, url: str, **kwargs: Any) -> Any: ...
-
-    def post(self, url: str, **kwargs: Any) -> Any: ...
-
-    def delete(self, url: str, **kwargs: Any) -> Any: ...
-
-
+Client = Any  # an httpx.Client, or Starlette's TestClient (httpx's or httpx2's)
 Claim = Callable[[str], None]  # what a trainer does: claim the queued job with this id
 
 

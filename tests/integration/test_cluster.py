@@ -6,6 +6,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +119,40 @@ def claims(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["kind"] in ("Started", "Resumed")]
 
 
-def assert_one_runner_at_a_time(events: list[dict[str, Any]]) -> None:
-    """Every trainer-written event belongs to the claim in force when it was written."""
-    owner: str | None = None
+def epochs_by_attempt(events: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Each attempt's recorded epochs, counted in the store itself (the metrics table's
+    primary key would hide a duplicate)."""
+    attempt, recorded = 0, dict[int, list[int]]()
     for event in events:
         if event["kind"] in ("Started", "Resumed"):
-            owner = event["actor"]
-        elif event["kind"] in ("WorkerLost", "Paused"):
-            owner = None
-        elif event["kind"] in ("EpochCompleted", "CheckpointSaved", "Completed", "Cancelled"):
-            assert event["actor"] == owner, (event, owner)
+            attempt = event["data"]["attempt"]
+        elif event["kind"] == "EpochCompleted":
+            recorded.setdefault(attempt, []).append(event["data"]["epoch"])
+    return recorded
+
+
+def assert_each_epoch_once_per_attempt(events: list[dict[str, Any]], epochs: int) -> None:
+    """No attempt records an epoch twice; an epoch recorded again is a later attempt's
+    re-run after a resume from an older checkpoint; together they cover every epoch."""
+    recorded = epochs_by_attempt(events)
+    for attempt, done in recorded.items():
+        assert len(done) == len(set(done)), (attempt, done)
+    assert set().union(*map(set, recorded.values())) == set(range(1, epochs + 1)), recorded
+
+
+def assert_superseded_attempts_wrote_nothing_after(
+    events: list[dict[str, Any]], artifacts: Path
+) -> None:
+    """What each trainer did, not what the aggregate accepted: no checkpoint file of an
+    attempt was written after the next attempt's claim (each attempt writes its own
+    folder), so no attempt trained on once another had the job."""
+    starts = {e["data"]["attempt"]: e["timestamp"] for e in claims(events)}
+    job_dir = artifacts / events[0]["job_id"] / "checkpoints"
+    for attempt in sorted(starts)[:-1]:
+        successor = datetime.fromisoformat(starts[attempt + 1]).timestamp()
+        folder = job_dir / f"attempt-{attempt}"
+        late = [p.name for p in folder.glob("*.pt") if p.stat().st_mtime > successor]
+        assert not late, (attempt, late)
 
 
 def test_a_job_runs_end_to_end_across_processes(cluster: Cluster) -> None:
@@ -186,7 +211,8 @@ def test_killed_trainer_is_replaced_and_every_epoch_appears_once(cluster: Cluste
         for e in events
     ]
     assert cluster.metrics_epochs(job_id) == [1, 2, 3, 4, 5]
-    assert_one_runner_at_a_time(events)
+    assert_each_epoch_once_per_attempt(events, 5)
+    assert_superseded_attempts_wrote_nothing_after(events, cluster.settings.artifacts)
     assert_replay_equals_live(cluster.settings)
 
 
@@ -200,7 +226,7 @@ def test_two_trainers_never_run_one_job_at_once(cluster: Cluster) -> None:
     for job_id in jobs:
         events = cluster.events(job_id)
         assert len(claims(events)) == 1, events
-        assert_one_runner_at_a_time(events)
+        assert_each_epoch_once_per_attempt(events, 2)
         runners.add(claims(events)[0]["actor"])
     assert runners == {"trainer-a", "trainer-b"}
 

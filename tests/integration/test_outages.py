@@ -31,8 +31,9 @@ from tests.integration.test_cluster import (
     FINISHED,
     SLOW,
     Cluster,
-    assert_one_runner_at_a_time,
+    assert_each_epoch_once_per_attempt,
     assert_replay_equals_live,
+    assert_superseded_attempts_wrote_nothing_after,
 )
 from tests.processes import (
     API,
@@ -246,7 +247,10 @@ def test_chaos_outages_and_kill_9_at_random_moments_lose_nothing(
         assert done["status"] == "completed", proxied.logs()
         epochs = [m["epoch"] for m in client.get(f"{API}/jobs/{job_id}/metrics").json()]
         assert epochs == [1, 2]
-        assert_one_runner_at_a_time(proxied.events(job_id))
+        assert_each_epoch_once_per_attempt(proxied.events(job_id), 2)
+        assert_superseded_attempts_wrote_nothing_after(
+            proxied.events(job_id), proxied.settings.artifacts
+        )
     assert wait_status(client, cancelled, FINISHED, timeout=120)["status"] in (
         "cancelled",
         "completed",  # the cancel may arrive after the job finished: 202, nothing to stop
@@ -286,10 +290,11 @@ def test_a_hung_trainer_loses_its_job_to_another_and_writes_nothing_after(
     events = proxied.events(job_id)
     lost = [e for e in events if e["kind"] == "WorkerLost"]
     assert [e["data"]["worker"] for e in lost] == ["trainer-a"]
-    assert_one_runner_at_a_time(events)
+    assert_each_epoch_once_per_attempt(events, 3)
+    assert_superseded_attempts_wrote_nothing_after(events, proxied.settings.artifacts)
     metrics = proxied.client.get(f"{API}/jobs/{job_id}/metrics").json()
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    assert "claim" in hung.log() or "no longer ours" in hung.log() or "not run by" in hung.log()
+    assert "is not run by trainer-a attempt 1; stopping without writing" in hung.log()
 
 
 class MemoryCappedService(Service):

@@ -28,7 +28,7 @@ from shared.views import job_row
 
 API = "/api/v1/training"
 Store = tuple[TrainingJobs, ReadStore]
-RESULT = {"final_metrics": {"val_loss": 0.4}, "best_epoch": 2, "best_val_loss": 0.4}
+RESULT: dict[str, Any] = {"final_metrics": {"val_loss": 0.4}, "best_epoch": 2, "best_val_loss": 0.4}
 RESULT["model_uri"] = "m"
 
 

@@ -50,7 +50,7 @@ def copies_in_python() -> list[str]:
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 names = field_names(node)
                 if len(names) >= SPELLED_OUT:
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {names}")
+                    found.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}: {names}")
     return found
 
 

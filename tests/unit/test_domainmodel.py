@@ -27,7 +27,7 @@ from shared.domainmodel import (
 )
 
 W, USER = "trainer-1", "alice"
-RESULT = {
+RESULT: dict[str, Any] = {
     "final_metrics": {"val_loss": 0.5},
     "best_epoch": 1,
     "best_val_loss": 0.5,

@@ -90,7 +90,7 @@ def test_a_query_waits_for_the_position_it_names_then_503(sqlite_settings: Setti
             {"params": {"min_position": stored}},
             {"headers": {"Heimdall-Position": str(stored)}},
         ):
-            late = client.get(f"{API}/jobs", **asked)  # type: ignore[arg-type]
+            late = client.get(f"{API}/jobs", **asked)
             assert late.status_code == 503, late.text
             assert late.headers["Retry-After"] and late.json()["position"] == stored
             assert late.json()["stored"] is False
@@ -163,7 +163,12 @@ def drive_every_kind(d: Driver) -> None:
     d.trainer(b, claim)
     d.trainer(b, lambda j: j.lose_worker(1, "reaper"))
     d.trainer(b, claim)
-    result = {"final_metrics": metrics, "best_epoch": 1, "best_val_loss": 0.6, "model_uri": "m"}
+    result: dict[str, Any] = {
+        "final_metrics": metrics,
+        "best_epoch": 1,
+        "best_val_loss": 0.6,
+        "model_uri": "m",
+    }
     d.trainer(b, lambda j: j.complete(TRAINER, 2, **result))
     c = d.http("POST", "/jobs", json={"job_name": "c", "config": {"max_attempts": 1}})
     d.trainer(c, claim)
