@@ -74,6 +74,10 @@ class ApiClient:
     def command(self, job_id: str, action: str) -> Json:
         return self._call("POST", f"{PREFIX}/jobs/{job_id}/{action}")
 
+    def metrics(self, job_id: str) -> list[Json]:
+        rows: list[Json] = self._call("GET", f"{PREFIX}/jobs/{job_id}/metrics")  # type: ignore[assignment]
+        return rows
+
     def events(self, job_id: str) -> Json:
         return self._call("GET", f"{PREFIX}/jobs/{job_id}/events")
 

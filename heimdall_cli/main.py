@@ -16,9 +16,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from heimdall_cli import bundle
 from heimdall_cli.client import ApiClient, ApiError, json_problem
 from shared.domainmodel import STATUSES
 from shared.logs import configure_logging
+from shared.readmodel.shapes import MetricRow
 from shared.security import ConfigurationError
 from shared.settings import Settings, load_settings
 
@@ -27,6 +29,8 @@ app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Datasets on disk.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+app.command()(bundle.export)
+app.command()(bundle.predict)
 console = Console()
 
 
@@ -223,6 +227,27 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
         )
     console.print(table)
     console.print(f"{page['total']} jobs")
+
+
+@app.command()
+def metrics(job_id: str) -> None:
+    """A job's per-epoch metrics: one row per epoch, one column per declared metric."""
+    try:
+        rows = ApiClient(Settings()).metrics(_job_id(job_id))
+    except ApiError as error:
+        _fail(error)
+    names = [n for n in MetricRow.model_fields if n not in ("recorded_at", "timestamp")]
+    table = Table(*names)
+    for row in rows:
+        table.add_row(*(_shown(row.get(name)) for name in names))
+    console.print(table)
+
+
+def _shown(value: object) -> str:
+    """A number for people: 4 significant digits; nothing known is a dash."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _command(job_id: str, action: str) -> None:

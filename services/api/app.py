@@ -19,7 +19,7 @@ from services.api.hub import Hub
 from services.api.inputs import BlankInputs
 from services.api.limits import BodyLimit
 from services.api.metrics import HttpMetrics
-from services.api.routes import dashboard, events, health, jobs, metrics, ws
+from services.api.routes import dashboard, events, health, jobs, metrics, models, ws
 from shared.bus import ALL_KEYS
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     app.add_middleware(HttpMetrics)
     errors.install(app)
     app.add_exception_handler(NotReadableYetError, not_readable_yet)
-    for module in (jobs, events, health, ws):
+    for module in (jobs, events, health, ws, models):
         app.include_router(module.router)
     dashboard.install(app)
     metrics.install(app, context.jobs, context.reads)

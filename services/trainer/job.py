@@ -32,6 +32,7 @@ from services.trainer.control import (
     TrainingHooks,
 )
 from services.trainer.dataset import RFData, load_dataset, split_indices
+from services.trainer.export import export_at_completion
 from services.trainer.loop import (
     EpochPlan,
     Geo,
@@ -206,6 +207,7 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
     path, _ = save_model(
         job.workdir / MODEL_FILE, job.parts.model, job.config, job.data, p.last_metrics
     )
+    export_at_completion(path, job.data, job.config)  # before `Completed`; never raises
     return _outcome(job, "completed", str(path.resolve()))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared.readmodel.shapes import EpochMetrics
 from shared.settings import Settings
 from tests.processes import (
     API,
@@ -85,6 +86,14 @@ def test_cli_talks_to_the_running_api(embedded: httpx.Client, tmp_path: Path) ->
     assert audit.returncode == 0
     for kind in ("Submitted", "Started", "EpochCompleted", "Completed", "anonymous"):
         assert kind in audit.stdout, audit.stdout
+    env_wide = {**env, "COLUMNS": "2000"}  # one line per row, every column whole
+    metrics = subprocess.run(
+        [*HEIMDALL, "metrics", job_id], env=env_wide, capture_output=True, text=True, timeout=60
+    )
+    assert metrics.returncode == 0, metrics.stderr
+    header = metrics.stdout.splitlines()[1]
+    for name in EpochMetrics.model_fields:  # the declared shape, every field
+        assert name in header, (name, header)
 
 
 @pytest.mark.timeout(600)
