@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint unit integration e2e asyncapi bench clean
+.PHONY: install run test lint unit integration e2e asyncapi bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ asyncapi: install  ## regenerate docs/asyncapi.json from the real subscribers
 
 bench: install  ## every benchmark (about 15 min; needs PostgreSQL and RabbitMQ), then docs/BENCHMARKS.md
 	$(BIN)/python -m bench.run_all --out docs/BENCHMARKS.md
+
+chaos: install  ## faults at random moments while jobs train and clients watch (TRIALS=100, about 25 min)
+	$(BIN)/python -m tests.chaos.run --trials $${TRIALS:-100} --json var/chaos.json --out docs/CHAOS.md
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache
