@@ -41,7 +41,7 @@ bench: install  ## every benchmark (about 15 min; needs PostgreSQL and RabbitMQ)
 	$(BIN)/python -m bench.run_all --out docs/BENCHMARKS.md
 
 chaos: install  ## faults at random moments while jobs train and clients watch (TRIALS=100, about 25 min)
-	$(BIN)/python -m tests.chaos.run --trials $${TRIALS:-100} --json var/chaos.json --out docs/CHAOS.md
+	mkdir -p var && $(BIN)/python -m tests.chaos.run --trials $${TRIALS:-100} --json var/chaos.json --out docs/CHAOS.md
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache
