@@ -234,8 +234,9 @@ def _commands(f: Figures) -> str:
         " `TrainingJob` aggregate with eventsourcing's `Application.save()` from"
         f" {n} threads on the same database. {f['requests_per_round']:,} requests a round"
         f" and side, {f['rounds']} rounds, alternating. The api answers 201 only once the"
-        " transaction holding the job has committed; concurrent submits share transactions"
-        " (group commit, up to `HEIMDALL_SUBMIT_BATCH`, 64 by default).\n\n"
+        " transaction holding the job has committed and its projector (a process of its own)"
+        " has made the job readable (read-your-writes); concurrent submits share"
+        " transactions (group commit, up to `HEIMDALL_SUBMIT_BATCH`, 64 by default).\n\n"
         + _latencies(sides)
         + f"\nRatio {_ratios(f)} (best / median); goal ≥ 0.5: {met(f['ratio_best'] >= 0.5)}."
         + single
