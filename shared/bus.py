@@ -45,6 +45,10 @@ WORK_KEYS = (
 NUDGE_KEYS = ("training.pause_requested", "training.cancel_requested")
 # Live telemetry between epochs: on the bus for watchers, never in the store.
 TELEMETRY_KEY = "training.step"
+# Not a message on the broker: the bus tells a fan-out subscriber its queue was made again,
+# so messages published before may never reach it (a subscriber that must see them all
+# reads them from the store).
+RESUBSCRIBED_KEY = "bus.resubscribed"
 ALL_KEYS = ("training.#",)
 
 
@@ -99,6 +103,21 @@ class Envelope(BaseModel):
             status=RUNNING,
         )
 
+    @classmethod
+    def resubscribed(cls) -> Envelope:
+        """The bus's notice to a fan-out subscriber: its queue is back, possibly after a gap."""
+        return cls(
+            position=0,
+            job_id="",
+            version=0,
+            kind="Resubscribed",
+            routing_key=RESUBSCRIBED_KEY,
+            timestamp=datetime.now(UTC),
+            actor="bus",
+            data={},
+            status="",
+        )
+
 
 Handler = Callable[[Envelope], Awaitable[None]]
 
@@ -112,7 +131,10 @@ class Bus(ABC):
 
     @abstractmethod
     def subscribe_fanout(self, keys: Sequence[str], handler: Handler) -> None:
-        """Every message matching `keys`, to this subscriber (call before start)."""
+        """Every message matching `keys`, to this subscriber (call before start). A bus that
+        can lose a subscriber's messages (its queue gone with its connection) also hands
+        it `Envelope.resubscribed()` each time the queue is back: what was published
+        before may be missing. A bus that cannot lose them never does."""
 
     @abstractmethod
     async def start(self) -> None: ...

@@ -70,6 +70,10 @@ class RabbitBus(Bus):
 
     Fan-out: one exclusive, auto-delete queue per subscriber with a uuid name; a failing
     handler drops the message (fan-out messages are hints, confirmed against the store).
+    The queue goes with its connection, and what is published meanwhile never reaches it,
+    so each time it is made again after `start` returned (a reconnect, or a first
+    connection made late) its handler gets `Envelope.resubscribed()`: whoever must not
+    miss an event reads what it missed from the store (the api's hub does).
 
     Outages: the connection reconnects every `reconnect_seconds` and restores the
     channel, queues, bindings and consumers. Meanwhile `publish` raises within
@@ -96,6 +100,7 @@ class RabbitBus(Bus):
                 prefetch_count=1, publisher_confirms=True, on_return_raises=True
             ),
             log_level=logging.DEBUG,
+            on_reconnected=[self._resubscribed],
         )
         self._exchange = RabbitExchange(exchange, type=ExchangeType.TOPIC, durable=True)
         self._dead = RabbitQueue(
@@ -116,7 +121,8 @@ class RabbitBus(Bus):
         self._bindings: list[tuple[RabbitQueue, tuple[str, ...]]] = [(self._work, WORK_KEYS)]
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
         self._private_id = private_id
-        self._started = False
+        self._fanouts: list[Handler] = []
+        self._started = self._running = False
         self._stopping = asyncio.Event()
         self._connecting: asyncio.Task[None] | None = None
         self._telemetry_channel = Channel(publisher_confirms=False)
@@ -150,6 +156,7 @@ class RabbitBus(Bus):
             routing_key=keys[0],
         )
         self._bindings.append((queue, tuple(keys)))
+        self._fanouts.append(handler)
         self._broker.subscriber(
             queue,
             self._exchange,
@@ -162,9 +169,10 @@ class RabbitBus(Bus):
         """Connect now if RabbitMQ answers; if not, keep trying in the background with
         backoff, so a service started before the broker runs meanwhile: `publish` raises
         and `healthy()` says False until the connection is made."""
-        self._stopping = asyncio.Event()
+        self._stopping, self._running = asyncio.Event(), False
         self._connecting = asyncio.create_task(self._connect_until_done())
         await asyncio.wait({self._connecting}, timeout=START_WAIT_SECONDS)
+        self._running = True  # from now on, a subscriber may have missed what came before
 
     async def _connect_until_done(self) -> None:
         try:
@@ -175,6 +183,8 @@ class RabbitBus(Bus):
                     except Exception:
                         await self._broker.stop()  # a clean slate: no half-made connection
                         raise
+            if self._running:
+                await self._resubscribed()
         except Exception as error:
             log.info("gave up connecting to RabbitMQ: %r", error)
 
@@ -189,6 +199,14 @@ class RabbitBus(Bus):
                 await declared.bind(exchange, routing_key=key, robust=True)
         await self._broker.start()
         self._started = True
+
+    async def _resubscribed(self, *_: object) -> None:
+        """Tell every fan-out handler its queue is back (after its bindings and consumer)."""
+        for handler in self._fanouts:
+            try:
+                await handler(Envelope.resubscribed())
+            except Exception:
+                log.exception("a fan-out handler failed on the resubscribed notice")
 
     async def stop(self) -> None:
         self._started = False

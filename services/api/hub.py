@@ -3,6 +3,11 @@
 The bus handler only puts into each client's queue (never awaits a client), so a slow or
 dead client never holds up the others or the bus consumer; a client whose queue is full
 is marked as overflowed and its session disconnects it.
+
+When the hub may have missed messages (the bus says its queue was made again, or a
+position arrives past the next one it expects), it puts a `Gap` into every queue, ahead
+of what comes next: each session then sends what the store holds after its last position
+before it goes on (a jump can also be a harmless hole in the positions; the store says).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.bus import TELEMETRY_KEY, Envelope, websocket_event
+from shared.bus import RESUBSCRIBED_KEY, TELEMETRY_KEY, Envelope, websocket_event
 
 Message = dict[str, Any]
 
@@ -83,15 +88,22 @@ class Outgoing:
         )
 
 
+class Gap:
+    """In a client's queue: messages before the next one may be missing."""
+
+
+GAP = Gap()
+
+
 class Subscription:
     """One client's bounded queue of live messages, for one job or (job_id None) all."""
 
     def __init__(self, job_id: str | None, size: int) -> None:
         self.job_id = job_id
-        self.queue: asyncio.Queue[Outgoing] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[Outgoing | Gap] = asyncio.Queue(size)
         self.overflowed = asyncio.Event()
 
-    def offer(self, item: Outgoing) -> None:
+    def offer(self, item: Outgoing | Gap) -> None:
         if self.overflowed.is_set():
             return
         try:
@@ -105,6 +117,7 @@ class Hub:
 
     def __init__(self, queue_size: int = 1000) -> None:
         self.queue_size = queue_size
+        self.position = 0  # the highest store position relayed
         self._by_job: dict[str, set[Subscription]] = {}
         self._everything: set[Subscription] = set()
 
@@ -131,9 +144,20 @@ class Hub:
 
     async def relay(self, envelope: Envelope) -> None:
         """Each api replica relays every event to its WebSocket clients."""
+        if envelope.routing_key == RESUBSCRIBED_KEY:
+            self._may_have_missed()
+            return
+        if envelope.routing_key != TELEMETRY_KEY:
+            if self.position and envelope.position > self.position + 1:
+                self._may_have_missed()
+            self.position = max(self.position, envelope.position)
         watchers = self._by_job.get(envelope.job_id, ())
         if not (watchers or self._everything):
             return
         item = Outgoing.of(envelope)
         for subscription in (*self._everything, *watchers):
             subscription.offer(item)
+
+    def _may_have_missed(self) -> None:
+        for subscription in (*self._everything, *(s for w in self._by_job.values() for s in w)):
+            subscription.offer(GAP)

@@ -3,7 +3,9 @@
 No gap and no repeat: the hub subscription starts buffering before anything is read, the
 store is replayed up to the projected position read after that (everything later is
 published after it, so it reaches the buffer), and the buffer is drained skipping
-positions already sent.
+positions already sent. A `Gap` in the buffer (the hub may have missed messages) is filled
+the same way: the store after the last position sent, up to the projected position read
+then, before the buffer is drained on.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ from starlette.websockets import WebSocketDisconnect
 
 from services.api.deps import ApiContext
 from services.api.errors import OUTAGES
-from services.api.hub import Hub, Message, Outgoing, Subscription, encode, error_message, now
+from services.api.hub import (
+    Gap,
+    Hub,
+    Message,
+    Outgoing,
+    Subscription,
+    encode,
+    error_message,
+    now,
+)
 from services.api.hub import status_message as status
 from shared.application import JobNotFoundError, StoredJobEvent
 from shared.bus import Envelope
-from shared.domainmodel import TERMINAL
+from shared.domainmodel import ACTIVE_RUN, TERMINAL
 from shared.views import job_json, job_row
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,7 @@ class LiveSession:
         self.job_id, self.after = job_id, after
         self.last = self.cap = 0
         self._sending = asyncio.Lock()
+        self._running: set[str] = set()  # jobs whose last status sent here has a trainer
 
     async def run(self) -> None:
         subscription = self.hub.subscribe(str(self.job_id) if self.job_id else None)
@@ -112,10 +124,19 @@ class LiveSession:
             return
         while True:
             item = await subscription.queue.get()
-            if item.position is not None and item.position <= self.last:
+            if isinstance(item, Gap):
+                if await self._fill():
+                    return
+            elif item.position is not None and item.position <= self.last:
                 continue
-            if await self._deliver(item):
+            elif await self._deliver(item):
                 return
+
+    async def _fill(self) -> bool:
+        """What the store holds after `last`, up to the projected position read now (all
+        later events are published after this read, so they reach the queue)."""
+        self.cap = (await asyncio.to_thread(self.context.reads.positions))["projected"]
+        return await self._replay()
 
     async def _start(self) -> None:
         """`connected`, then the status; without `?after=`, events after that status follow."""
@@ -134,6 +155,7 @@ class LiveSession:
         await self.send(encode(connected))
         for view in views:
             await self.send(encode(status(view)))
+            self._saw(view["id"], view["status"])
 
     async def _replay(self) -> bool:
         """Send what the store holds after `last` up to the cap; True if the job ended."""
@@ -149,11 +171,20 @@ class LiveSession:
 
     async def _deliver(self, item: Outgoing) -> bool:
         """Send one message; True if it ended a per-job socket's job."""
-        await self.send(item.text)
-        if item.position is None:
+        if item.position is None:  # telemetry comes straight from the trainer: drop it
+            if item.job_id in self._running:  # until the event that started it was sent
+                await self.send(item.text)
             return False
+        await self.send(item.text)
+        self._saw(item.job_id, item.status)
         self.last = item.position
         return self.job_id is not None and item.status in TERMINAL
+
+    def _saw(self, job_id: str, job_status: str) -> None:
+        if job_status in ACTIVE_RUN:
+            self._running.add(job_id)
+        else:
+            self._running.discard(job_id)
 
     async def _read(self) -> None:
         """Answer the client's messages; returns when it disconnects."""

@@ -1,4 +1,6 @@
-"""RabbitBus on a real RabbitMQ; each test owns a uuid-named exchange and work queue."""
+"""RabbitBus on a real RabbitMQ; each test owns a uuid-named exchange and work queue.
+
+These tests need RabbitMQ (as `make test` says): without it they fail, never skip."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from shared.bus import ALL_KEYS, NUDGE_KEYS, ROUTING_KEYS, WORK_KEYS, Envelope
+from shared.bus import ALL_KEYS, NUDGE_KEYS, RESUBSCRIBED_KEY, ROUTING_KEYS, WORK_KEYS, Envelope
 from shared.rabbit import START_WAIT_SECONDS, RabbitBus
 from tests.faults import Proxy
 from tests.integration.conftest import RABBIT_URL
@@ -23,6 +25,10 @@ pytestmark = pytest.mark.rabbit
 
 BusFactory = Callable[..., RabbitBus]
 FAST = {"retry_seconds": 0.01, "publish_seconds": 2.0, "reconnect_seconds": 0.2}
+# Timed assertions check the bus's own latency targets (its docstring: publish raises within
+# `publish_seconds`, health says False within a second), with this much room for loaded,
+# shared CI cores: missing a target by more is a regression, not noise.
+SLACK_SECONDS = 2.0
 
 
 def envelope(position: int, kind: str = "Submitted") -> Envelope:
@@ -45,7 +51,7 @@ def kinds_for(keys: Iterable[str]) -> list[str]:
 
 @dataclass
 class Inbox:
-    """Collects what a handler receives; `wait` until enough arrived."""
+    """Collects what a handler receives; `wait` until enough messages arrived."""
 
     received: list[Envelope] = field(default_factory=list)
     delay: float = 0.0
@@ -55,12 +61,24 @@ class Inbox:
         self.received.append(envelope)
 
     async def wait(self, count: int, seconds: float = 10.0) -> list[int]:
-        await until(lambda: len(self.received) >= count, seconds)
+        await until(lambda: len(self.positions) >= count, seconds)
         return self.positions
+
+    async def told(self, times: int = 1, seconds: float = 30.0) -> bool:
+        """Until the bus said `times` times that this subscriber's queue is back."""
+        return await until(lambda: self.log.count(TOLD) >= times, seconds)
 
     @property
     def positions(self) -> list[int]:
-        return [e.position for e in self.received]
+        return [e.position for e in self.received if e.routing_key != RESUBSCRIBED_KEY]
+
+    @property
+    def log(self) -> list[int | str]:
+        """Positions in arrival order, with `TOLD` where the bus said it resubscribed."""
+        return [TOLD if e.routing_key == RESUBSCRIBED_KEY else e.position for e in self.received]
+
+
+TOLD = "resubscribed"
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
@@ -81,7 +99,7 @@ async def amqp() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
     try:
         connection = await aio_pika.connect(RABBIT_URL, timeout=3)
     except Exception as error:
-        pytest.skip(f"RabbitMQ not reachable at {RABBIT_URL}: {error}")
+        pytest.fail(f"these tests need RabbitMQ, not reachable at {RABBIT_URL}: {error!r}")
     async with connection:
         yield await connection.channel()
 
@@ -110,6 +128,10 @@ async def make_bus(names: Names) -> AsyncIterator[BusFactory]:
             await bus.stop()
 
 
+def took(started: float) -> float:
+    return time.monotonic() - started
+
+
 async def eventually(probe: Callable[[], Awaitable[bool]], seconds: float = 15.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -136,7 +158,9 @@ async def test_envelopes_arrive_in_order_with_the_position_as_message_id(
     assert {m.delivery_mode for m in got} == {aio_pika.DeliveryMode.PERSISTENT}
 
 
-async def test_work_goes_to_exactly_one_of_two_competing_trainers(make_bus: BusFactory) -> None:
+async def test_work_goes_to_exactly_one_of_two_competing_trainers(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
     first, second = Inbox(delay=0.01), Inbox(delay=0.01)
     trainers = [make_bus(), make_bus()]
     for bus, inbox in zip(trainers, (first, second), strict=True):
@@ -144,10 +168,14 @@ async def test_work_goes_to_exactly_one_of_two_competing_trainers(make_bus: BusF
         await bus.start()
     publisher = make_bus()
     await publisher.start()
+    kinds = kinds_for(WORK_KEYS)
     for position in range(1, 31):
-        await publisher.publish(envelope(position, kinds_for(WORK_KEYS)[position % 3]))
-    await until(lambda: len(first.received) + len(second.received) >= 30)
-    await asyncio.sleep(0.3)
+        await publisher.publish(envelope(position, kinds[position % len(kinds)]))
+    assert await until(lambda: len(first.received) + len(second.received) >= 30)
+    for bus in trainers:  # an unacked delivery would go back to the queue now
+        await bus.stop()
+    queue = await amqp.declare_queue(names.work, passive=True)
+    assert queue.declaration_result.message_count == 0
     positions = first.positions + second.positions
     assert sorted(positions) == list(range(1, 31))
     assert first.received and second.received
@@ -168,6 +196,7 @@ async def test_fanout_reaches_every_subscriber_by_its_keys(make_bus: BusFactory)
         assert await watcher.wait(len(sent)) == [e.position for e in sent]
     nudges = [e.position for e in sent if e.routing_key in NUDGE_KEYS]
     assert await nudged.wait(len(nudges)) == nudges
+    assert TOLD not in [*watchers[0].log, *nudged.log]  # connected in `start`: nothing missed
 
 
 async def test_an_event_nobody_listens_to_does_not_raise(make_bus: BusFactory) -> None:
@@ -194,17 +223,14 @@ async def test_an_unreachable_broker_is_waited_for_in_the_background(
     bus = make_bus(rabbit_proxy.url)
     started = time.monotonic()
     await bus.start()  # returns: the service runs on and the bus keeps trying
-    assert time.monotonic() - started < START_WAIT_SECONDS + 2
+    assert took(started) < START_WAIT_SECONDS + SLACK_SECONDS
     began = time.monotonic()
     with pytest.raises(ConnectionError):
         await bus.publish(envelope(1))
-    assert time.monotonic() - began < 1
+    assert took(began) < SLACK_SECONDS  # target: at once
     assert await bus.healthy() is False
     rabbit_proxy.open()
-    deadline = time.monotonic() + 30
-    while not await bus.healthy():
-        assert time.monotonic() < deadline, "the bus never connected"
-        await asyncio.sleep(0.2)
+    assert await eventually(bus.healthy, 30), "the bus never connected"
     await bus.publish(envelope(1))
 
 
@@ -253,7 +279,7 @@ async def test_health_follows_the_connection(make_bus: BusFactory) -> None:
     await bus.stop()
     started = time.monotonic()
     assert await bus.healthy() is False
-    assert time.monotonic() - started < 1.5
+    assert took(started) < 1 + SLACK_SECONDS
 
 
 async def test_consumers_and_bindings_come_back_after_the_connection_drops(
@@ -268,13 +294,12 @@ async def test_consumers_and_bindings_come_back_after_the_connection_drops(
     await bus.publish(envelope(2, "PauseRequested"))
     assert await work.wait(1) == [1]
     assert await nudges.wait(1) == [2]
-    await asyncio.sleep(0.2)  # let the acks reach the broker
     rabbit_proxy.cut()
-    assert await eventually(bus.healthy)
-    await asyncio.sleep(0.5)  # consumers are restored right after the channel
+    assert await nudges.told(), "the bus never said the nudge queue is back"
     await bus.publish(envelope(3, "WorkerLost"))
     await bus.publish(envelope(4, "CancelRequested"))
     assert await until(lambda: 3 in work.positions and 4 in nudges.positions)
+    assert nudges.log == [2, TOLD, 4]
 
 
 async def test_publish_during_an_outage_raises_quickly_then_recovers(
@@ -288,10 +313,51 @@ async def test_publish_during_an_outage_raises_quickly_then_recovers(
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017 - the projector retries on any error
         await bus.publish(envelope(1))
-    assert time.monotonic() - started < 3
+    assert took(started) < FAST["publish_seconds"] + SLACK_SECONDS
     assert await bus.healthy() is False
     rabbit_proxy.open()
-    assert await eventually(bus.healthy)
-    await asyncio.sleep(0.5)
+    assert await watch.told()
     await bus.publish(envelope(2))
     assert await watch.wait(1) == [2]
+    assert watch.log == [TOLD, 2]
+
+
+async def test_a_subscriber_is_told_when_its_queue_is_back_after_it_missed_messages(
+    make_bus: BusFactory, rabbit_proxy: Proxy
+) -> None:
+    """The projector's link stays up while the api's drops: what it publishes meanwhile
+    is confirmed and never reaches the api's queue; the api hears that it may have
+    missed some before anything published after."""
+    watch = Inbox()
+    api, projector = make_bus(rabbit_proxy.url), make_bus()
+    api.subscribe_fanout(ALL_KEYS, watch)
+    for bus in (api, projector):
+        await bus.start()
+    await projector.publish(envelope(1))
+    assert await watch.wait(1) == [1]
+    rabbit_proxy.cut(stay_down=True)
+    assert await eventually(lambda: down(api))
+    await projector.publish(envelope(2, "PauseRequested"))  # confirmed; the queue is gone
+    await projector.publish(envelope(3, "Archived"))
+    rabbit_proxy.open()
+    assert await watch.told()
+    await projector.publish(envelope(4, "CancelRequested"))
+    assert await watch.wait(2) == [1, 4]
+    assert watch.log == [1, TOLD, 4]
+
+
+async def test_a_first_connection_made_after_start_returned_is_told_too(
+    make_bus: BusFactory, rabbit_proxy: Proxy
+) -> None:
+    rabbit_proxy.cut(stay_down=True)
+    watch = Inbox()
+    api = make_bus(rabbit_proxy.url)
+    api.subscribe_fanout(ALL_KEYS, watch)
+    await api.start()  # gives up waiting; the service runs on, and may miss messages
+    rabbit_proxy.open()
+    assert await watch.told()
+    assert watch.log == [TOLD]
+
+
+async def down(bus: RabbitBus) -> bool:
+    return not await bus.healthy()

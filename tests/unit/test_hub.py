@@ -1,22 +1,30 @@
-"""The WebSocket hub on the in-process bus: routing, bounded queues, messages, telemetry."""
+"""The WebSocket hub on the in-process bus: routing, bounded queues, messages, telemetry,
+and the gaps a lossy bus leaves, which each session fills from the store."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import pytest
+from fastapi import WebSocket
 
-from services.api.hub import Hub, Outgoing, Subscription, encode, event_message
+from services import runtime
+from services.api.deps import ApiContext
+from services.api.hub import Gap, Hub, Outgoing, Subscription, encode, event_message
 from services.api.routes.ws import BadQueryError, parse_after
-from services.api.session import reply
+from services.api.session import LiveSession, reply
 from services.trainer.control import StartInfo, StepInfo
 from services.trainer.telemetry import StepTelemetry
 from shared.bus import ALL_KEYS, NUDGE_KEYS, Envelope, InProcessBus, routing_key
-from tests.unit.test_bus import settle
+from shared.settings import Settings
+from tests.unit.test_bus import settle, until
 
 
 def stored(position: int, kind: str, job_id: str, **data: Any) -> Envelope:
@@ -36,8 +44,14 @@ def stored(position: int, kind: str, job_id: str, **data: Any) -> Envelope:
 def drain(subscription: Subscription) -> list[dict[str, Any]]:
     items = []
     while not subscription.queue.empty():
-        items.append(json.loads(subscription.queue.get_nowait().text))
+        item = subscription.queue.get_nowait()
+        items.append({"event": "gap"} if isinstance(item, Gap) else json.loads(item.text))
     return items
+
+
+def seen(subscription: Subscription) -> list[int | str]:
+    """Positions in queue order, with "gap" where the hub may have missed some."""
+    return [m.get("position", m["event"]) for m in drain(subscription)]
 
 
 async def test_each_event_reaches_its_jobs_watchers_and_the_all_jobs_watchers() -> None:
@@ -70,6 +84,30 @@ async def test_a_full_queue_marks_the_client_behind_and_takes_no_more() -> None:
     assert slow.queue.qsize() == 2
     await hub.relay(stored(4, "CheckpointSaved", job))
     assert [m["position"] for m in drain(slow)] == [1, 2]
+
+
+async def test_a_jump_in_positions_puts_a_gap_ahead_of_it_for_every_watcher() -> None:
+    hub, a, b = Hub(), str(uuid.uuid4()), str(uuid.uuid4())
+    on_a, on_b, on_all = hub.subscribe(a), hub.subscribe(b), hub.subscribe(None)
+    await hub.relay(stored(1, "Submitted", a))
+    await hub.relay(stored(2, "Submitted", b))
+    await hub.relay(stored(5, "PauseRequested", a))  # 3 and 4: missed, or never stored
+    await hub.relay(stored(6, "PauseRequested", b))
+    await hub.relay(stored(5, "PauseRequested", a))  # a duplicate is no jump
+    await hub.relay(Envelope.step(a, "w1", {"step": 1}))  # telemetry has no position
+    assert seen(on_all) == [1, 2, "gap", 5, 6, 5, "training_step"]
+    assert seen(on_a) == [1, "gap", 5, 5, "training_step"]
+    assert seen(on_b) == [2, "gap", 6]
+    assert hub.position == 6
+
+
+async def test_the_bus_saying_it_resubscribed_puts_a_gap_in_every_queue() -> None:
+    hub, job = Hub(), str(uuid.uuid4())
+    watcher, everything = hub.subscribe(job), hub.subscribe(None)
+    await hub.relay(stored(1, "Submitted", job))
+    await hub.relay(Envelope.resubscribed())
+    await hub.relay(stored(2, "PauseRequested", job))
+    assert (seen(watcher), seen(everything)) == ([1, "gap", 2], [1, "gap", 2])
 
 
 async def test_telemetry_reaches_fanouts_only_and_carries_no_position() -> None:
@@ -191,3 +229,136 @@ async def test_a_failing_bus_drops_telemetry_without_raising() -> None:
     telemetry(StepInfo(1, 1, 10, loss=0.5, samples_per_second=1.0))
     await asyncio.sleep(0.01)
     assert not telemetry._tasks
+
+
+class LossyBus(InProcessBus):
+    """The in-process bus with a link that drops: while `down`, published messages vanish,
+    as they do for an api whose private RabbitMQ queue went with its connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def publish(self, envelope: Envelope) -> None:
+        if not self.down:
+            await super().publish(envelope)
+
+    async def resubscribe(self) -> None:
+        """Back, and says so, as RabbitBus does once it made its queues again."""
+        self.down = False
+        for _, handler in self._fanout:
+            await handler(Envelope.resubscribed())
+
+
+class FakeSocket:
+    """What a LiveSession uses of its WebSocket: what it sent, and how it closed."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.gone = asyncio.Event()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "websocket.disconnect"}
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.close_code = code
+
+    def positions(self) -> list[int]:
+        return [
+            m["position"] for m in self.sent if "position" in m and m["event"] != "training_status"
+        ]
+
+
+@dataclass
+class Live:
+    """The api's live path in-process: store, projector, a lossy bus, the hub, sessions."""
+
+    context: ApiContext
+    bus: LossyBus
+    hub: Hub = field(default_factory=Hub)
+    sessions: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def watch(self, job_id: str | None) -> FakeSocket:
+        socket = FakeSocket()
+        target = UUID(job_id) if job_id else None
+        session = LiveSession(cast(WebSocket, socket), self.context, self.hub, target, 0)
+        self.sessions.append(asyncio.create_task(session.run()))
+        await until(lambda: any(m["event"] == "connected" for m in socket.sent))
+        return socket
+
+    async def submit(self) -> str:
+        accepted = await self.context.commands.submit(
+            f"j-{uuid.uuid4().hex[:6]}", "", {}, "t", None
+        )
+        return str(accepted.job.id)
+
+    async def command(self, verb: str, job_id: str) -> int:
+        """pause, resume or cancel; once the projector has also published it."""
+        accepted = await getattr(self.context.commands, verb)(UUID(job_id), "t")
+        position = int(accepted.position)
+        await until(lambda: self.context.reads.positions()["published"] >= position)
+        return position
+
+    def stored(self, job_id: str | None) -> list[int]:
+        if job_id is None:
+            return [e.position for e in self.context.jobs.feed(0, 1000)]
+        return [e.position for e in self.context.jobs.history(UUID(job_id))]
+
+
+@pytest.fixture
+async def live(sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Live]:
+    bus = LossyBus()
+    monkeypatch.setattr(runtime, "build_bus", lambda _: bus)
+    context, background = runtime.build_api(sqlite_settings, with_projector=True)
+    live = Live(context, bus)
+    bus.subscribe_fanout(ALL_KEYS, live.hub.relay)
+    stop = asyncio.Event()
+    services = [asyncio.create_task(service(stop)) for service in background]
+    yield live
+    stop.set()
+    for session in live.sessions:
+        session.cancel()
+    await asyncio.gather(*services, *live.sessions, return_exceptions=True)
+    await bus.stop()
+
+
+async def test_a_jump_in_positions_makes_each_session_fill_the_gap_from_the_store(
+    live: Live,
+) -> None:
+    a, b = await live.submit(), await live.submit()
+    on_a, on_b, everything = await live.watch(a), await live.watch(b), await live.watch(None)
+    await live.command("pause", a)
+    live.bus.down = True
+    await live.command("pause", b)  # lost on the way to the hub
+    await live.command("resume", a)  # lost too
+    live.bus.down = False
+    await live.command("cancel", b)  # arrives: a jump past the lost ones
+    await live.command("cancel", a)
+    await until(lambda: on_a.close_code is not None and on_b.close_code is not None)
+    await until(lambda: everything.positions()[-1:] == live.stored(None)[-1:])
+    assert (on_a.close_code, on_b.close_code) == (1000, 1000)
+    assert on_a.positions() == live.stored(a)
+    assert on_b.positions() == live.stored(b)
+    assert everything.positions() == live.stored(None)
+
+
+async def test_a_socket_whose_last_events_were_lost_gets_them_when_the_bus_is_back(
+    live: Live,
+) -> None:
+    a, b = await live.submit(), await live.submit()
+    on_a, everything = await live.watch(a), await live.watch(None)
+    await live.command("pause", a)
+    live.bus.down = True
+    await live.command("pause", b)
+    await live.command("cancel", a)  # the job's end: nothing of it follows to show a jump
+    await live.bus.resubscribe()
+    await until(lambda: on_a.close_code is not None)
+    await until(lambda: everything.positions()[-1:] == live.stored(None)[-1:])
+    assert on_a.close_code == 1000
+    assert on_a.positions() == live.stored(a)
+    assert everything.positions() == live.stored(None)
