@@ -14,7 +14,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import IntegrityError, Notification, Recording
 
-from shared.domainmodel import Metrics, TrainingJob, job_kind
+from shared.domainmodel import InitFromError, Metrics, TrainingJob, job_id_of, job_kind
 from shared.groupcommit import GroupCommit
 from shared.settings import DEFAULT_SUBMIT_BATCH
 from shared.store import JobNotifications
@@ -117,7 +117,9 @@ class TrainingJobs(Application[UUID]):
         actor: str,
         idempotency_key: str | None = None,
     ) -> Accepted:
-        """A new queued job; the same idempotency key (per actor) never makes a second one."""
+        """A new queued job; the same idempotency key (per actor) never makes a second one.
+        A config with `init_from` also records `Continued` on the job it names, in the same
+        transaction (InitFromError when that job cannot start this one)."""
         if idempotency_key is None:
             job_id = uuid4()
         else:
@@ -125,16 +127,42 @@ class TrainingJobs(Application[UUID]):
             existing = self._find(job_id)
             if existing is not None:
                 return self._same_request(existing, job_name, description, config)
-        job = TrainingJob(
-            id=job_id, job_name=job_name, description=description, config=config, actor=actor
-        )
+        fields: dict[str, Any] = {
+            "job_name": job_name,
+            "description": description,
+            "config": config,
+        }
         try:
-            position = self.submits.save(job)
+            if config.get("init_from"):
+                return self._continuation(job_id, fields, actor)
+            job = TrainingJob(id=job_id, actor=actor, **fields)
+            return Accepted(job, self.submits.save(job))
         except IntegrityError:
             if idempotency_key is None:
                 raise
             return self._same_request(self.get_job(job_id), job_name, description, config)
-        return Accepted(job, position)
+
+    def parent_of(self, init_from: str) -> TrainingJob:
+        """The job an `init_from` names; InitFromError when there is no such job."""
+        job = self._find(job_id) if (job_id := job_id_of(init_from)) else None
+        if job is None:
+            raise InitFromError(f"job {init_from} not found")
+        return job
+
+    def _continuation(self, job_id: UUID, fields: dict[str, Any], actor: str) -> Accepted:
+        """The new job and its parent's `Continued`, saved together outside the group commit
+        (which saves one aggregate per caller); a concurrent write to the parent (another
+        continuation) makes it load the parent and try again."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            parent = self.parent_of(str(fields["config"]["init_from"]))
+            child = TrainingJob(id=job_id, actor=actor, **fields)
+            parent.continue_into(job_id, str(fields["config"].get("model_architecture")), actor)
+            try:
+                return Accepted(child, last_position(self.save(child, parent)))
+            except IntegrityError:
+                if self._find(job_id) is not None:  # the same idempotency key, concurrently
+                    raise
+        raise IntegrityError(f"job {job_id}: gave up after {MAX_CONFLICT_RETRIES} conflicts")
 
     def get_job(self, job_id: UUID) -> TrainingJob:
         job = self._find(job_id)

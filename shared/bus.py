@@ -33,6 +33,7 @@ ROUTING_KEYS = {
     "Cancelled": "training.cancelled",
     "WorkerLost": "training.worker_lost",
     "Archived": "training.archived",
+    "Continued": "training.continued",
 }
 # Events after which a job may be runnable: trainers compete for them on one queue.
 WORK_KEYS = (

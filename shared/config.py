@@ -6,7 +6,8 @@ import difflib
 import re
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from pydantic import (
     AfterValidator,
@@ -14,8 +15,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -108,6 +111,11 @@ class JobConfig(_Strict):
     accuracy_radius_m: float = Field(5000.0, gt=0)
     max_attempts: int = Field(3, ge=1, le=20)
     dataset: Dataset = Field(default_factory=SyntheticDataset)
+    init_from: SafeStr | None = Field(
+        None,
+        description="a completed job's id: start from its final weights, with a fresh"
+        " optimizer (the same model_architecture and input shape)",
+    )
 
     @field_validator("model_architecture")
     @classmethod
@@ -117,6 +125,25 @@ class JobConfig(_Strict):
         close = difflib.get_close_matches(name, sorted(known_architectures()), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model '{name}': not in timm.list_models(){hint}")
+
+    @field_validator("init_from")
+    @classmethod
+    def _a_job_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(UUID(value))
+        except ValueError:
+            raise ValueError(f"'{value}' is not a job id (a UUID)") from None
+
+    @model_serializer(mode="wrap")
+    def _init_from_only_when_set(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without `init_from`, the dump is the one every config had before that field (the
+        stored configs, idempotency checks and checkpoints of older jobs compare equal)."""
+        fields: dict[str, Any] = dump(self)
+        if fields.get("init_from") is None:
+            fields.pop("init_from", None)
+        return fields
 
     @model_validator(mode="after")
     def _pretrained_needs_local_weights(self) -> JobConfig:

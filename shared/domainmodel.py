@@ -18,6 +18,7 @@ ACTIVE_RUN = frozenset({RUNNING, PAUSING, CANCELLING})
 STATUSES = (QUEUED, RUNNING, PAUSING, PAUSED, CANCELLING, COMPLETED, FAILED, CANCELLED)
 
 Metrics = dict[str, Any]
+Shape = tuple[int, int, int]  # a model's inputs: receivers, n_mels, frames
 
 
 class TrainingJobError(Exception):
@@ -34,6 +35,10 @@ class IllegalTransitionError(TrainingJobError):
 
 class ClaimLostError(TrainingJobError):
     """A trainer wrote to a job it no longer owns: it must stop."""
+
+
+class InitFromError(ValueError):
+    """`init_from` names no job whose final weights can start the new one (the api's 422)."""
 
 
 class TrainingJob(Aggregate):
@@ -108,6 +113,12 @@ class TrainingJob(Aggregate):
             self.archive(actor)
         else:
             self.request_cancel(actor)
+
+    def continue_into(self, child_id: UUID, architecture: str, actor: str) -> None:
+        """Job `child_id` starts from this job's final weights (`Continued`): a fact about
+        this job, not a command on it, so its status stays as it is."""
+        self.check_seeds(architecture)
+        self._continued(child_job_id=str(child_id), actor=actor)
 
     # Facts from trainers.
 
@@ -221,6 +232,27 @@ class TrainingJob(Aggregate):
         if self.status not in ACTIVE_RUN or (self.worker, self.attempt) != (worker, attempt):
             raise ClaimLostError(
                 f"job {self.id} is not run by {worker} attempt {attempt}", self.status
+            )
+
+    def check_seeds(self, architecture: str, shapes: tuple[Shape, Shape] | None = None) -> None:
+        """InitFromError unless this job completed with final weights of `architecture`,
+        and, given `shapes` (the new job's inputs, then those this job trained on), of the
+        same input shape: only then can its weights start the new job."""
+        if self.status != COMPLETED or not self.model_path:
+            raise InitFromError(
+                f"job {self.id} is {self.status}: only a completed job's final weights can"
+                " start another"
+            )
+        trained = self.config.get("model_architecture")
+        if architecture != trained:
+            raise InitFromError(
+                f"job {self.id} trained a {trained}, not a {architecture}: use"
+                f" model_architecture: {trained}"
+            )
+        if shapes is not None and shapes[0] != shapes[1]:
+            raise InitFromError(
+                f"job {self.id} trained on inputs of {list(shapes[1])} (receivers, n_mels,"
+                f" frames), this job's are {list(shapes[0])}: they must be the same"
             )
 
     def _require(self, allowed: set[str] | frozenset[str], action: str) -> None:
@@ -341,6 +373,10 @@ class TrainingJob(Aggregate):
     @event("Archived", topic=TOPIC + "Archived")
     def _archived(self, actor: str) -> None:
         self.archived = True
+
+    @event("Continued", topic=TOPIC + "Continued")
+    def _continued(self, child_job_id: str, actor: str) -> None:
+        """The link to the new job is the event itself (the history); no state changes."""
 
 
 def _register_topics() -> None:

@@ -21,7 +21,7 @@ from starlette.routing import Match
 
 from services.api.preflight import PreflightError
 from shared.application import IdempotencyConflictError, JobNotFoundError
-from shared.domainmodel import TrainingJobError
+from shared.domainmodel import InitFromError, TrainingJobError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = "5"
@@ -40,6 +40,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(PreflightError, _cannot_run)
+    app.add_exception_handler(InitFromError, _cannot_continue)
     app.add_exception_handler(JobNotFoundError, _not_found)
     app.add_exception_handler(TrainingJobError, _conflict)
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
@@ -69,8 +70,17 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
 async def _cannot_run(request: Request, exc: Exception) -> JSONResponse:
     """A config that validates but cannot run, in the shape of FastAPI's own 422."""
     assert isinstance(exc, PreflightError)
-    loc = ["body", "config", *exc.field.split(".")]
-    error = {"type": "preflight", "loc": loc, "msg": exc.message}
+    return _config_error("preflight", exc.field, exc.message)
+
+
+async def _cannot_continue(request: Request, exc: Exception) -> JSONResponse:
+    """`init_from` names no job whose final weights can start this one."""
+    return _config_error("init_from", "init_from", str(exc))
+
+
+def _config_error(kind: str, field: str, message: str) -> JSONResponse:
+    loc = ["body", "config", *field.split(".")]
+    error = {"type": kind, "loc": loc, "msg": message}
     return JSONResponse({"detail": [_sendable(error)]}, status_code=422)
 
 

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from services.trainer.dataset import INPUTS_FILE, POSITIONS_FILE, RECEIVERS_FILE
-from shared.config import FilesDataset, JobConfig, SyntheticDataset
+from shared.application import TrainingJobs
+from shared.config import Dataset, FilesDataset, JobConfig, SyntheticDataset
+from shared.domainmodel import InitFromError, TrainingJob
 
 if TYPE_CHECKING:
     from services.trainer.model import Localiser
@@ -31,6 +34,7 @@ ANY_SIZE_MODELS = "convnext_atto or resnet18"
 Shape = tuple[int, int, int, int]  # samples, receivers, n_mels, frames
 # Loading real weights into a meta model copies nothing, by design; torch says so per tensor.
 META_COPY_WARNING = "for .*: copying from a non-meta parameter"
+DATASET: TypeAdapter[SyntheticDataset | FilesDataset] = TypeAdapter(Dataset)
 
 
 class PreflightError(ValueError):
@@ -70,6 +74,30 @@ def preflight(
         raise PreflightError(*verdict)
     if config.pretrained_path:
         _check_weights(config, shape[1:])
+
+
+def check_init_from(config: JobConfig, jobs: TrainingJobs) -> None:
+    """The job `init_from` names can start this one (the rule is the aggregate's
+    `check_seeds`): it completed, with the same architecture, on inputs of the same shape.
+    InitFromError otherwise. Reads the store and both datasets' headers; blocking."""
+    if config.init_from is None:
+        return
+    parent = jobs.parent_of(config.init_from)
+    parent.check_seeds(config.model_architecture)  # status and model first, then the files
+    mine, trained = dataset_shape(config.dataset)[1:], _trained_shape(parent)
+    parent.check_seeds(config.model_architecture, (mine, trained))
+
+
+def _trained_shape(parent: TrainingJob) -> tuple[int, int, int]:
+    """The input shape `parent` trained on: its dataset's, as its config names it."""
+    try:
+        dataset = DATASET.validate_python(parent.config.get("dataset", {}))
+        shape = dataset_shape(dataset)
+    except (ValidationError, PreflightError) as error:
+        raise InitFromError(
+            f"the inputs job {parent.id} trained on cannot be read any more: {error}"
+        ) from error
+    return shape[1:]
 
 
 def dataset_shape(dataset: SyntheticDataset | FilesDataset) -> Shape:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +16,12 @@ from numpy.typing import NDArray
 from torch import nn
 
 from services.trainer.checkpoints import (
+    MODEL_KIND,
+    CheckpointError,
     Progress,
     Stateful,
     load_checkpoint,
+    read_payload,
     save_checkpoint,
     save_model,
 )
@@ -33,6 +36,7 @@ from services.trainer.control import (
 )
 from services.trainer.dataset import RFData, load_dataset, split_indices
 from services.trainer.export import export_at_completion
+from services.trainer.feed import place
 from services.trainer.loop import (
     EpochPlan,
     Geo,
@@ -87,19 +91,24 @@ def run_training(
     resume_from: Path | None = None,
     attempt: int = 1,
     resume_sha256: str | None = None,
+    init_weights: Path | None = None,
 ) -> Outcome:
     """Train `config`, writing `workdir`/checkpoints/attempt-N/ and `workdir`/model.pt.
 
     Each attempt checkpoints into a folder of its own, so a stale attempt can never
     overwrite or prune the next one's files. A resume checks the file against
-    `resume_sha256` when given. Pause, preemption and cancel from `hooks.check` act at the
-    next step boundary; exceptions propagate.
+    `resume_sha256` when given. A job with `init_from` starts from `init_weights`, the
+    `model.pt` of that job, unless it resumes its own checkpoint. Pause, preemption and
+    cancel from `hooks.check` act at the next step boundary; exceptions propagate.
     """
     if config.devices > 1:
         raise ValueError("devices > 1 needs a torchrun launch, which this trainer does not do yet")
+    if config.init_from and resume_from is None and init_weights is None:
+        raise ValueError(f"init_from {config.init_from}: that job's model.pt was not given")
     runtime = resolve_runtime(config.accelerator, config.precision)
     with _reproducible(runtime):
-        job = _prepare(config, workdir, runtime, resume_from, resume_sha256)
+        start = init_weights if config.init_from and resume_from is None else None
+        job = _prepare(config, workdir, runtime, resume_from, resume_sha256, start)
         job.checkpoint_dir = workdir / CHECKPOINT_DIR / f"attempt-{attempt}"
         hooks.on_start(_start_info(job, runtime))
         return _run(job, hooks)
@@ -130,14 +139,18 @@ def _prepare(
     runtime: Runtime,
     resume_from: Path | None,
     resume_sha256: str | None = None,
+    init_weights: Path | None = None,
 ) -> _Job:
     started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset)
-    train, val = _splits(data, config)
-    model = build_model(config, data.inputs.shape[1], data.inputs.shape[2:]).to(runtime.device)
+    train, val = place(_splits(data, config), runtime)  # resident on a GPU when they fit
+    model = build_model(config, data.inputs.shape[1], data.inputs.shape[2:])
+    if init_weights is not None:
+        _start_from(model, init_weights, config, tuple(data.inputs.shape[1:]))
+    model = model.to(runtime.device)
     if runtime.cuda:
         model = model.to(memory_format=torch.channels_last)
     parts = _stateful(model, config, runtime, steps_per_epoch(len(train), config.batch_size))
@@ -156,6 +169,27 @@ def _prepare(
         config, workdir, data, train, val, trainer, parts, progress, checkpoint, started,
         checkpoints,
     )  # fmt: skip
+
+
+def _start_from(model: nn.Module, path: Path, config: JobConfig, shape: tuple[int, ...]) -> None:
+    """`init_from`: that job's final weights into `model` (the optimizer stays fresh).
+    Read as saved, with no model built for them, so the RNG streams match a fresh start's.
+    CheckpointError naming the job when the file is missing, unreadable or of another
+    architecture or input shape than this job's."""
+    try:
+        payload = read_payload(path)
+        found = (payload.get("kind"), payload["config"]["model_architecture"])
+        trained = tuple(payload["input_shape"])
+        if (found, trained) != ((MODEL_KIND, config.model_architecture), shape):
+            raise CheckpointError(
+                f"{path}: a {found[1]} for inputs {list(trained)}, this job trains a"
+                f" {config.model_architecture} on {list(shape)}"
+            )
+        model.load_state_dict(payload["state_dict"])
+    except (CheckpointError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"init_from {config.init_from}: cannot start from that job's final weights: {error}"
+        ) from error
 
 
 def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
@@ -218,7 +252,7 @@ def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
     tally = Tally(**p.tally) if p.step else Tally()
     control = Control.CONTINUE
 
-    def stop(step: int, loss: float, speed: float) -> bool:
+    def stop(step: int, loss: Callable[[], float], speed: float) -> bool:
         nonlocal control
         control = hooks.check(StepInfo(epoch, step, steps, loss, speed))
         return control is not Control.CONTINUE

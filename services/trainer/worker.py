@@ -10,6 +10,7 @@ from uuid import UUID
 
 import numpy as np
 
+from services.trainer.checkpoints import CheckpointError
 from services.trainer.control import Outcome
 from services.trainer.dataset import split_indices
 from services.trainer.hooks import StoreHooks
@@ -143,8 +144,10 @@ class Trainer:
         resume = Path(job.checkpoint_path) if job.checkpoint_path else None
         log.info("trainer %s: job %s attempt %d", self.worker, job.id, hooks.attempt)
         try:
+            parent = config.init_from if resume is None else None  # a resume has its own
+            start = self._parent_weights(parent) if parent else None
             outcome = run_training(
-                config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256
+                config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256, start
             )
             hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
         except ClaimLostError as lost:
@@ -159,6 +162,14 @@ class Trainer:
         except Exception as error:
             log.exception("trainer %s: job %s failed", self.worker, job.id)
             self._record_failure(job.id, hooks.attempt, error)
+
+    def _parent_weights(self, parent_id: str) -> Path:
+        """The `model.pt` of job `parent_id` (`init_from`) under this trainer's artifacts
+        location, where the trainer that completed it wrote it (a shared volume)."""
+        parent = self.jobs.get_job(UUID(parent_id))
+        if parent.model_path is None:
+            raise CheckpointError(f"init_from {parent_id}: that job recorded no final weights")
+        return self.settings.artifacts / parent_id / Path(parent.model_path).name
 
     def _record_failure(
         self, job_id: UUID, attempt: int, error: Exception, claim_first: bool = False

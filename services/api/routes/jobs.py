@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api.auth import current_client
 from services.api.deps import ActorDep, ContextDep, JobIdDep, read_after, require_database
 from services.api.freshness import POSITION_HEADER
-from services.api.preflight import preflight
+from services.api.preflight import check_init_from, preflight
 from services.api.schemas import (
     ERROR_RESPONSES,
     CommandResult,
@@ -64,6 +64,7 @@ async def submit_job(
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
     await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
+    await run_in_threadpool(check_init_from, body.config, context.jobs)
     config = body.config.model_dump(mode="json")
     accepted = await context.commands.submit(
         body.job_name, body.description, config, actor, idempotency_key
