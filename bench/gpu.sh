@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# convnext_large in bf16 through the trainer's own loop vs a bare loop, on an NVIDIA GPU.
+# The trainer's GPU loop measured on an NVIDIA GPU: model FLOP utilisation, samples/s of
+# `run_training` against a bare loop, and scaling from 1 to N GPUs (see bench/gpu.py).
 # Needs PyTorch with CUDA, timm, numpy and pydantic (the project's venv has them) and
-# nothing from the network. Bounded to 5 minutes. `bench/gpu.sh --cpu` is a smoke run.
+# nothing from the network. Bounded to 5 minutes; `--quick` takes about two. Without a
+# CUDA device (or with `--cpu`) it is a smoke run on the CPU. `--json PATH` keeps figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-}"
@@ -11,7 +13,7 @@ fi
 "$PYTHON" - <<'PY' || { echo "gpu.sh: $PYTHON lacks torch, timm, numpy or pydantic" >&2; exit 2; }
 import numpy, pydantic, timm, torch  # noqa: F401
 PY
-if [[ " $* " != *" --cpu "* ]]; then
+if [[ " $* " != *" --cpu "* ]] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 exec timeout --signal=TERM --kill-after=10 300 "$PYTHON" -m bench.gpu "$@"

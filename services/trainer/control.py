@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -28,15 +29,48 @@ class StartInfo:
     steps_per_epoch: int
 
 
-@dataclass(frozen=True)
 class StepInfo:
-    """After `step` of `steps_per_epoch` steps of epoch `epoch` (both 1-based)."""
+    """After `step` of `steps_per_epoch` steps of epoch `epoch` (both 1-based).
 
-    epoch: int
-    step: int
-    steps_per_epoch: int
-    loss: float
-    samples_per_second: float
+    `loss` is the step's mean training loss. The loop hands it over unread (a callable):
+    on a GPU reading it waits for the step to finish, so a hook reads it at most a few
+    times a second (telemetry does, once a second); once read it is kept.
+    """
+
+    __slots__ = ("_loss", "epoch", "samples_per_second", "step", "steps_per_epoch")
+
+    def __init__(
+        self,
+        epoch: int,
+        step: int,
+        steps_per_epoch: int,
+        loss: float | Callable[[], float],
+        samples_per_second: float,
+    ) -> None:
+        self.epoch, self.step, self.steps_per_epoch = epoch, step, steps_per_epoch
+        self._loss, self.samples_per_second = loss, samples_per_second
+
+    @property
+    def loss(self) -> float:
+        if callable(self._loss):
+            self._loss = float(self._loss())
+        return self._loss
+
+    def _key(self) -> tuple[int, int, int, float, float]:
+        return self.epoch, self.step, self.steps_per_epoch, self.loss, self.samples_per_second
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StepInfo) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        epoch, step, steps, loss, speed = self._key()
+        return (
+            f"StepInfo(epoch={epoch}, step={step}, steps_per_epoch={steps}, loss={loss}, "
+            f"samples_per_second={speed})"
+        )
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,28 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from services.trainer.feed import Batch, feed
 from services.trainer.model import CALIBRATION_SHARE, gaussian_nll, inside_68, split_output
 from services.trainer.schedule import LrSchedule
 
 EARTH_RADIUS_M = 6_371_008.8
 METRES_PER_DEGREE = EARTH_RADIUS_M * math.pi / 180  # about 111,195 m of latitude
+# How often a long epoch reads its running sums back (a host sync) to catch a NaN loss.
+READ_SECONDS = 2.0
+
+
+def to_host(t: Tensor) -> list[float]:
+    """The loop's one way to read numbers off the device: it waits for the device."""
+    values: list[float] = t.reshape(-1).tolist()
+    return values
 
 
 @dataclass(frozen=True)
@@ -39,11 +49,13 @@ class Runtime:
     def inputs(self, x: Tensor) -> Tensor:
         if not self.cuda:
             return x
-        x = x.pin_memory().to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last)
+        return self.put(x).contiguous(memory_format=torch.channels_last)
 
     def put(self, t: Tensor) -> Tensor:
-        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+        """`t` on the device; a host tensor is pinned and copied without waiting."""
+        if not self.cuda or t.device == self.device:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def describe(self) -> str:
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.autocast_dtype]
@@ -69,7 +81,8 @@ def resolve_runtime(accelerator: str, precision: str) -> Runtime:
 
 @dataclass(frozen=True)
 class Split:
-    """One side of the data on the host: inputs, normalised targets, true degrees."""
+    """One side of the data (on the host, or resident on the device): inputs, normalised
+    targets, true degrees."""
 
     inputs: Tensor
     targets: Tensor
@@ -87,9 +100,10 @@ class Geo:
     scale: tuple[float, float]
 
     def degrees(self, normalised: Tensor) -> Tensor:
-        centre = torch.tensor(self.centre, dtype=torch.float64, device=normalised.device)
-        scale = torch.tensor(self.scale, dtype=torch.float64, device=normalised.device)
-        return normalised.double() * scale + centre
+        # Python scalars, not tensors: building those on a GPU would wait for it.
+        n = normalised.double()
+        columns = [n[..., i] * self.scale[i] + self.centre[i] for i in (0, 1)]
+        return torch.stack(columns, dim=-1)
 
     def sigma_radius_m(self, mean: Tensor, log_var: Tensor) -> Tensor:
         """The predicted 1-sigma radius in metres, `[B]`, from normalised `[B, 2]` outputs.
@@ -98,11 +112,11 @@ class Geo:
         sigma_east = exp(log_var_lon / 2) * scale_lon * METRES_PER_DEGREE * cos(lat), at
         the predicted latitude; the radius is sqrt(sigma_north^2 + sigma_east^2).
         """
-        scale = torch.tensor(self.scale, dtype=torch.float64, device=mean.device)
-        sigma_m = torch.exp(0.5 * log_var.double()) * scale * METRES_PER_DEGREE
+        sigma = torch.exp(0.5 * log_var.double())
+        north = sigma[:, 0] * self.scale[0] * METRES_PER_DEGREE
         lat = torch.deg2rad(self.degrees(mean)[:, 0].clamp(-90.0, 90.0))
-        east = sigma_m[:, 1] * torch.cos(lat)
-        return torch.sqrt(sigma_m[:, 0].square() + east.square())
+        east = sigma[:, 1] * self.scale[1] * METRES_PER_DEGREE * torch.cos(lat)
+        return torch.sqrt(north.square() + east.square())
 
 
 def haversine_m(a: Tensor, b: Tensor) -> Tensor:
@@ -115,13 +129,26 @@ def haversine_m(a: Tensor, b: Tensor) -> Tensor:
     return 2 * EARTH_RADIUS_M * torch.asin(torch.sqrt(h.clamp(0.0, 1.0)))
 
 
-# One step's mean loss, pre-clipping gradient norm, hits and summed squared metres.
-StepResult = tuple[float, float, int, float]
+class StepNumbers(NamedTuple):
+    """One step's numbers, 0-d tensors left where they were computed."""
+
+    loss: Tensor  # the batch's mean
+    grad_norm: Tensor  # before clipping
+    hits: Tensor
+    squared_distance: Tensor  # metres^2, summed over the batch
+
+
+SUMS = ("loss_sum", "grad_norm_sum", "finite_norms", "hits", "squared_distance_sum")
 
 
 @dataclass
 class Tally:
-    """Running sums of one training epoch; saved in a mid-epoch checkpoint."""
+    """Running sums of one training epoch; saved in a mid-epoch checkpoint.
+
+    Steps add to float64 sums on the device, seeded from the fields; `settle` reads them
+    back into the fields. The sums are never restarted, so a resumed epoch adds in the
+    same order as an uninterrupted one.
+    """
 
     samples: int = 0
     steps: int = 0
@@ -132,25 +159,43 @@ class Tally:
     learning_rate: float = 0.0
     seconds: float = 0.0
     squared_distance_sum: float = 0.0  # metres^2; 0 in tallies saved before it existed
+    _sums: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _unread: bool = field(default=False, init=False, repr=False, compare=False)
 
-    def add(self, samples: int, step: StepResult) -> None:
-        """Count one step of `samples` samples."""
-        loss, grad_norm, hits, squared_distance = step
-        self.samples, self.steps, self.hits = (
-            self.samples + samples,
-            self.steps + 1,
-            self.hits + hits,
-        )
-        self.loss_sum += loss * samples
-        self.squared_distance_sum += squared_distance
-        if math.isfinite(grad_norm):  # fp16 steps skipped for overflow have none
-            self.grad_norm_sum, self.finite_norms = (
-                self.grad_norm_sum + grad_norm,
-                self.finite_norms + 1,
+    def add(self, samples: int, step: StepNumbers) -> None:
+        """Count one step of `samples` samples, without reading its numbers."""
+        self.samples, self.steps = self.samples + samples, self.steps + 1
+        finite = torch.isfinite(step.grad_norm)  # fp16 steps skipped for overflow have none
+        norm = torch.where(finite, step.grad_norm.double(), 0.0)
+        loss, hits = step.loss.double() * samples, step.hits.double()
+        row = torch.stack([loss, norm, finite.double(), hits, step.squared_distance.double()])
+        if self._sums is None:
+            seed = torch.tensor([float(getattr(self, name)) for name in SUMS], dtype=torch.float64)
+            self._sums = seed if row.device.type == "cpu" else _upload(seed, row.device)
+        self._sums.add_(row)
+        self._unread = True
+
+    def settle(self) -> None:
+        """Read the sums into the fields (a host sync); FloatingPointError for a NaN or
+        infinite training loss."""
+        if self._sums is None or not self._unread:
+            return
+        loss, norms, finite, hits, squared = to_host(self._sums)
+        self.loss_sum, self.grad_norm_sum, self.squared_distance_sum = loss, norms, squared
+        self.finite_norms, self.hits, self._unread = int(finite), int(hits), False
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} within the epoch's first {self.steps} steps"
             )
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain numbers (read from the device first)."""
+        self.settle()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+def _upload(t: Tensor, device: torch.device) -> Tensor:
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -167,7 +212,8 @@ class Trainer:
     accuracy_radius_m: float
 
 
-StopAfter = Callable[[int, float, float], bool]
+# (steps done, the step's loss unread, samples per second) -> stop now?
+StopAfter = Callable[[int, Callable[[], float], float], bool]
 
 
 @dataclass(frozen=True)
@@ -199,30 +245,44 @@ def train_one_epoch(
 ) -> bool:
     """Train on the plan's batches, updating `tally`; True if `stop` said so.
 
-    `stop(steps_done, loss, samples_per_second)` is asked after every step.
+    `stop(steps_done, loss, samples_per_second)` is asked after every step, with the
+    step's loss unread (reading it waits for the device). Nothing in a step waits for
+    the device: the sums are read every READ_SECONDS and when the epoch ends or stops,
+    so a NaN loss raises FloatingPointError that late (plus the steps the device has
+    queued), and always before the caller can save a checkpoint.
     """
     t.model.train()
     started = time.perf_counter()
+    read_at = started + READ_SECONDS
     try:
-        for index in range(plan.first_step, len(plan.batches)):
-            idx = plan.batches[index]
+        batches = feed(data, plan.batches[plan.first_step :], t.runtime)
+        for index, batch in enumerate(batches, start=plan.first_step):
             tally.learning_rate = t.schedule.apply(t.optimizer, plan.epoch, index)
-            step = _step(t, data, idx)
-            tally.add(len(idx), step)
-            done = index + 1 - plan.first_step
-            if stop(index + 1, step[0], done * len(idx) / (time.perf_counter() - started)):
+            step = _step(t, batch)
+            size = len(batch.inputs)
+            tally.add(size, step)
+            if (now := time.perf_counter()) >= read_at:
+                tally.settle()
+                read_at = now + READ_SECONDS
+            speed = (index + 1 - plan.first_step) * size / (time.perf_counter() - started)
+            if stop(index + 1, partial(_read, step.loss), speed):
+                tally.settle()
                 return True
+        tally.settle()
         return False
     finally:
         tally.seconds += time.perf_counter() - started
 
 
-def _step(t: Trainer, data: Split, idx: Tensor) -> StepResult:
-    x, y = t.runtime.inputs(data.inputs[idx]), t.runtime.put(data.targets[idx])
-    pos = t.runtime.put(data.positions[idx])
+def _read(value: Tensor) -> float:
+    return to_host(value)[0]
+
+
+def _step(t: Trainer, batch: Batch) -> StepNumbers:
+    """One optimizer step; nothing in it waits for the device."""
     with t.runtime.autocast():
-        out = t.model(x)
-    loss = gaussian_nll(out, y).mean()
+        out = t.model(batch.inputs)
+    loss = gaussian_nll(out, batch.targets).mean()
     t.optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(t.scaler.scale(loss))
     t.scaler.unscale_(t.optimizer)
@@ -230,13 +290,9 @@ def _step(t: Trainer, data: Split, idx: Tensor) -> StepResult:
     norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    distance = haversine_m(t.geo.degrees(split_output(out)[0].detach()), pos)
-    hits = (distance <= t.accuracy_radius_m).sum().double()
-    stacked = [loss.detach().double(), norm.double(), hits, distance.square().sum()]
-    values = torch.stack(stacked).tolist()  # the step's one host sync
-    if not math.isfinite(values[0]):
-        raise FloatingPointError(f"training loss became {values[0]}")
-    return values[0], values[1], int(values[2]), values[3]
+    distance = haversine_m(t.geo.degrees(split_output(out)[0].detach()), batch.positions)
+    hits = (distance <= t.accuracy_radius_m).sum()
+    return StepNumbers(loss.detach(), norm, hits, distance.square().sum())
 
 
 def epoch_train_metrics(tally: Tally) -> dict[str, float | int | None]:
@@ -279,8 +335,8 @@ def validate(
         x, y = runtime.inputs(data.inputs[sl]), runtime.put(data.targets[sl])
         with runtime.autocast():
             out = model(x)
-        rows.append(_val_rows(out, y, runtime.put(data.positions[sl]), geo).cpu())
-    metrics = _val_metrics(torch.cat(rows), radius_m)
+        rows.append(_val_rows(out, y, runtime.put(data.positions[sl]), geo))
+    metrics = _val_metrics(torch.cat(rows).cpu(), radius_m)  # the pass's one host sync
     for name, key in (("loss", "val_loss"), ("distance", "val_rmse_m")):
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"validation {name} became {metrics[key]} at epoch {epoch}")

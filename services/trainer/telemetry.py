@@ -19,7 +19,8 @@ INTERVAL_SECONDS = 1.0
 class StepTelemetry:
     """Called on the training thread after every step; hands a message to the bus's loop.
 
-    The per-step cost is one clock read and a comparison. A message is handed over with
+    The per-step cost is one clock read and a comparison: the step's loss is read only
+    for a message (on a GPU that read waits for the device). A message is handed over with
     `call_soon_threadsafe` and published by a task on the loop without the training
     thread waiting; if the loop is gone or the bus fails, the message is dropped.
     """
