@@ -318,7 +318,7 @@ def render(figures: dict[str, Any]) -> str:
     return (
         "# Chaos run\n\n"
         f"`python -m tests.chaos.run --trials {figures['trials']} --seed {figures['seed']}`"
-        f" ({figures['seconds']} s). " + (__doc__ or "").split("\n\n")[1] + "\n\n"
+        f" ({figures['seconds']} s). " + "\n\n".join((__doc__ or "").split("\n\n")[1:3]) + "\n\n"
         "| fault | trials |\n|---|---|\n" + faults + "\n\n"
         "| checked | figure |\n|---|---|\n"
         f"| events compared, watcher against store | {figures['events_checked']} |\n"
