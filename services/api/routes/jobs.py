@@ -33,7 +33,8 @@ router = APIRouter(
 )
 # Queries answer once the read tables reach the position a client names (if any).
 READ_AFTER = [Depends(read_after)]
-StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$")]
+# Empty means absent (services/api/inputs.py drops it before validation): the schema says so.
+StatusQuery = Annotated[str | None, Query(pattern="^(" + "|".join(("", *STATUSES)) + ")$")]
 RECENT_METRICS = 10
 # Big answers are validated and written by pydantic-core in one pass, not model by model.
 JSON = "application/json"
