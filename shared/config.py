@@ -64,7 +64,7 @@ class SyntheticDataset(_Strict):
     receivers: int = Field(7, ge=1, le=7)
     n_mels: int = Field(64, ge=8, le=512)
     frames: int = Field(32, ge=8, le=1024)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class FilesDataset(_Strict):

@@ -61,7 +61,11 @@ async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [{k: v for k, v in e.items() if k != "ctx"} for e in exc.errors()]
-    encoded = _sendable(jsonable_encoder(errors))
+    try:
+        encoded = _sendable(jsonable_encoder(errors))
+    except RecursionError:  # an input nested hundreds deep: name the place, not the input
+        encoded = [{k: v for k, v in e.items() if k != "input"} for e in errors]
+        encoded = _sendable(encoded)
     if any(_not_json(e) for e in errors):
         return JSONResponse({"detail": "malformed JSON body", "errors": encoded}, status_code=400)
     return JSONResponse({"detail": encoded}, status_code=422)

@@ -49,7 +49,8 @@ def event_message(envelope: Envelope) -> Message:
     if envelope.routing_key != TELEMETRY_KEY:
         message["position"] = envelope.position
     message["timestamp"] = envelope.timestamp.isoformat()
-    message["status"] = envelope.status
+    if envelope.routing_key != TELEMETRY_KEY:  # telemetry is no event: no status of its own
+        message["status"] = envelope.status
     message["data"] = envelope.data
     return message
 

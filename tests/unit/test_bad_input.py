@@ -24,6 +24,7 @@ from services.runtime import build_api
 from shared.settings import Settings
 
 API = "/api/v1/training"
+JSON_HEADERS = {"Content-Type": "application/json"}
 JSON = {"content-type": "application/json"}
 SURROGATE = "\ud800"
 FILES = {"kind": "files", "path": "data/rf"}
@@ -302,3 +303,37 @@ def test_any_text_in_the_list_query_is_never_a_5xx(
     response = shared_client.get(f"{API}/jobs?{query}")
     assert response.status_code in (200, 422), response.text
     response.content.decode("utf-8")
+
+
+@pytest.mark.parametrize("depth", [520, 700, 900])
+def test_input_nested_hundreds_deep_is_refused_not_a_500(
+    api: tuple[TestClient, ApiContext], depth: int
+) -> None:
+    client, context = api
+    body = '{"job_name": "a", "x": ' + "[" * depth + "]" * depth + "}"
+    response = client.post(
+        f"{API}/jobs", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code in (400, 422), response.text
+    nothing_stored(context)
+
+
+def test_a_dataset_seed_a_checkpoint_cannot_hold_is_refused(
+    api: tuple[TestClient, ApiContext],
+) -> None:
+    client, context = api
+    body = {"job_name": "s", "config": {"dataset": {"seed": 10**700}}}
+    response = client.post(f"{API}/jobs", content=json.dumps(body), headers=JSON_HEADERS)
+    assert response.status_code == 422 and "seed" in response.text, response.text
+    nothing_stored(context)
+
+
+def test_whitespace_around_an_idempotency_key_is_not_part_of_it(
+    api: tuple[TestClient, ApiContext],
+) -> None:
+    client, _ = api
+    body = {"job_name": "once", "config": {"epochs": 1}}
+    first = client.post(f"{API}/jobs", json=body, headers={"Idempotency-Key": "k"})
+    again = client.post(f"{API}/jobs", json=body, headers={"Idempotency-Key": "k \t"})
+    assert first.status_code == 201 and again.status_code == 201, again.text
+    assert again.json()["id"] == first.json()["id"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from services.api import session as live
 from services.api.app import create_app
@@ -41,3 +42,16 @@ def test_an_event_projected_while_the_statuses_are_read_is_delivered(
             socket.close()
         assert (event["event"], event["status"]) == ("training_pause_requested", "paused")
         assert client.get(f"{API}/jobs/{job_id}").json()["job"]["status"] == "paused"
+
+
+def test_after_past_the_stores_end_is_refused_not_left_silent(sqlite_settings: Settings) -> None:
+    context, background = build_api(sqlite_settings, with_projector=True)
+    with TestClient(create_app(context, background)) as client:
+        job_id = submit(client)["id"]
+        for path in (f"/ws/training/{job_id}?after=99999999", "/ws/training?after=99999999"):
+            with client.websocket_connect(path) as socket:
+                error = socket.receive_json()
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    socket.receive_json()
+            assert error["event"] == "error" and "past the store" in error["detail"]
+            assert closed.value.code == 4400

@@ -67,8 +67,9 @@ async def submit_job(
     await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
     await run_in_threadpool(check_init_from, body.config, context.jobs)
     config = body.config.model_dump(mode="json")
+    key = idempotency_key.strip() if idempotency_key else None  # HTTP trims header values
     accepted = await context.commands.submit(
-        body.job_name, body.description, config, actor, idempotency_key
+        body.job_name, body.description, config, actor, key or None
     )
     return command_result(accepted, "job queued", 201)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from uuid import UUID
 
 from fastapi import APIRouter, WebSocket
@@ -46,6 +47,10 @@ async def open_stream(websocket: WebSocket, job_id: str | None) -> None:
     try:
         after = parse_after(websocket.query_params.getlist("after"))
         target = job_id_of(job_id) if job_id is not None else None
+        if after is not None:
+            head = await asyncio.to_thread(context.jobs.recorder.max_notification_id) or 0
+            if after > head:  # no answer ever gave it: the stream would wait for ever
+                raise BadQueryError(f"after: {after} is past the store's last position {head}")
     except BadQueryError as error:
         await session.refuse(CLOSE_BAD_REQUEST, str(error))
         return
