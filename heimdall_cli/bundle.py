@@ -18,14 +18,20 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import numpy as np
 import typer
 from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
-from heimdall_cli.client import HINTS, PREFIX, ApiClient, ApiError
+from heimdall_cli.client import (
+    PREFIX,
+    UNREACHABLE,
+    ApiClient,
+    ApiError,
+    ApiUnreachableError,
+    error_of,
+)
 from shared.settings import Settings
 
 Bundle = dict[str, Any]
@@ -78,15 +84,14 @@ def export(
     parts |= {"samples": samples, "provenance": provenance}
     params: dict[str, Any] = {f"include_{k}": str(v).lower() for k, v in parts.items()}
     params["num_samples"] = num_samples
-    settings = Settings()
     try:
-        path, bundle = download_bundle(ApiClient(settings, timeout=300.0), job_id, params, output)
+        path, bundle = download_bundle(ApiClient(Settings(), timeout=300.0), job_id, params, output)
     except ApiError as error:
-        typer.echo(f"error {error.status}: {error.detail}", err=True)
+        typer.echo(f"heimdall: error {error.status}: {error.message}", err=True)
         raise typer.Exit(1) from None
-    except httpx.HTTPError as error:
-        typer.echo(f"heimdall: cannot reach the api at {settings.api_url}: {error}", err=True)
-        raise typer.Exit(1) from None
+    except ApiUnreachableError as error:
+        typer.echo(f"heimdall: {error}", err=True)
+        raise typer.Exit(UNREACHABLE) from None
     except (BundleError, OSError) as error:
         typer.echo(f"heimdall: {error}", err=True)
         raise typer.Exit(1) from None
@@ -99,17 +104,13 @@ def download_bundle(
 ) -> tuple[Path, Bundle]:
     """Stream `GET /jobs/{id}/export` to `output` (or the name the api gives, here); the
     file appears only once it is complete and its sha256s check out. Returns its path and
-    the bundle. ApiError on 4xx/5xx, BundleError for a damaged download."""
+    the bundle. ApiError on 4xx/5xx, ApiUnreachableError without an answer,
+    BundleError for a damaged download."""
     url = f"{PREFIX}/jobs/{job_id}/export"
-    with client.http.stream("GET", url, params=params) as response:
+    with client.reaching(), client.http.stream("GET", url, params=params) as response:
         if response.status_code >= 400:
             response.read()
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = response.text
-            hint = HINTS.get(response.status_code)
-            raise ApiError(response.status_code, f"{detail} ({hint})" if hint else detail)
+            raise error_of(response)
         named = re.search(r'filename="([^"/\\]+)"', response.headers.get("content-disposition", ""))
         target = output or Path(named.group(1) if named else f"{job_id}.heimdall")
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

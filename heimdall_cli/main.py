@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -14,10 +16,18 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from heimdall_cli import bundle
-from heimdall_cli.client import ApiClient, ApiError, json_problem
+from heimdall_cli.client import (
+    UNREACHABLE,
+    ApiClient,
+    ApiError,
+    ApiUnreachableError,
+    json_problem,
+    readable,
+)
 from shared.domainmodel import STATUSES
 from shared.logs import configure_logging
 from shared.readmodel.shapes import MetricRow
@@ -134,22 +144,35 @@ def _job_id(value: str) -> str:
 def _fail(error: ApiError) -> NoReturn:
     """The api's answer to a request that failed: a refused input exits 2, the rest 1."""
     if error.status in (400, 422):
-        _refuse(f"the api refused the input ({error.status}): {_problems(error.detail)}")
-    console.print(f"[red]error {error.status}[/red]: {error.detail}")
+        _refuse(f"the api refused the input ({error.status}): {readable(error.detail)}")
+    # On stdout, one line however long, as scripts and the tests of `submit` read it.
+    console.print(f"[red]error {error.status}[/red]: {escape(error.message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
-def _problems(detail: object) -> str:
-    """FastAPI's error list as `config.epochs: message; job_name: message`, on one line."""
-    if not isinstance(detail, list):
-        return " ".join(str(detail).split())
-    return "; ".join(_problem(e) for e in detail if isinstance(e, dict))
+def _settings() -> Settings:
+    """The environment's settings; a bad one exits 2 naming its variable."""
+    try:
+        return load_settings()
+    except ConfigurationError as error:
+        _refuse(str(error))
 
 
-def _problem(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error.get("loc", [])]
-    field = ".".join(loc[1:] if loc[:1] in (["body"], ["query"], ["header"]) else loc)
-    return f"{field}: {' '.join(str(error.get('msg')).split())}"
+def _client() -> ApiClient:
+    return ApiClient(_settings())
+
+
+@contextmanager
+def _api_call() -> Iterator[None]:
+    """Talking to the api: its error in one line (exit 1, or 2 for refused input), and no
+    answer at all in one line naming the URL tried (exit 3)."""
+    try:
+        yield
+    except ApiUnreachableError as error:
+        typer.echo(f"heimdall: {error}", err=True)
+        raise typer.Exit(UNREACHABLE) from None
+    except ApiError as error:
+        _fail(error)
 
 
 @app.command()
@@ -174,10 +197,8 @@ def submit(
     body["config"] = body["config"] | {k: v for k, v in overrides.items() if v is not None}
     if problem := json_problem(body):
         _refuse(f"{where}: {problem}")
-    try:
-        job = ApiClient(Settings()).submit(body)
-    except ApiError as error:
-        _fail(error)
+    with _api_call():
+        job = _client().submit(body)
     console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
     if watch:
         _watch(job["id"])
@@ -192,10 +213,13 @@ def watch_job(job_id: str) -> None:
 def _watch(job_id: str) -> None:
     from heimdall_cli.watch import WatchError, watch
 
+    settings = _settings()
+    with _api_call():
+        ApiClient(settings).job(job_id)  # the job exists, and the api answers
     try:
-        code = asyncio.run(watch(job_id, Settings().api_url, console))
+        code = asyncio.run(watch(job_id, settings.api_url, console))
     except WatchError as error:
-        console.print(f"[red]error[/red]: {error}")
+        typer.echo(f"heimdall: {error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -209,11 +233,9 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
         _refuse(f"--status {status[:60]!r}: want one of {', '.join(STATUSES)}")
     if limit < 1:
         _refuse(f"--limit {limit}: want 1 to 500")
-    try:
-        page = ApiClient(Settings()).jobs(status, limit)
-    except ApiError as error:
-        _fail(error)
-    table = Table("id", "name", "status", "epoch", "val loss", "model", "created")
+    with _api_call():
+        page = _client().jobs(status, limit)
+    table = Table("id", "name", "status", "epoch", "val loss", "model", "created (UTC)")
     for job in page["jobs"]:
         epoch = f"{job['current_epoch']}/{job['total_epochs']}"
         table.add_row(
@@ -221,9 +243,9 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
             job["job_name"],
             job["status"],
             epoch,
-            str(job["val_loss"]),
+            _shown(job.get("val_loss")),
             job["model_architecture"],
-            job["created_at"],
+            _when(job.get("created_at")),
         )
     console.print(table)
     console.print(f"{page['total']} jobs")
@@ -232,10 +254,9 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
 @app.command()
 def metrics(job_id: str) -> None:
     """A job's per-epoch metrics: one row per epoch, one column per declared metric."""
-    try:
-        rows = ApiClient(Settings()).metrics(_job_id(job_id))
-    except ApiError as error:
-        _fail(error)
+    job_id = _job_id(job_id)
+    with _api_call():
+        rows = _client().metrics(job_id)
     names = [n for n in MetricRow.model_fields if n not in ("recorded_at", "timestamp")]
     table = Table(*names)
     for row in rows:
@@ -250,11 +271,23 @@ def _shown(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _command(job_id: str, action: str) -> None:
+def _when(stamp: object) -> str:
+    """An ISO-8601 moment as `2026-11-28 18:22:08` in UTC; nothing known is a dash."""
+    if not isinstance(stamp, str):
+        return "-"
     try:
-        job = ApiClient(Settings()).command(_job_id(job_id), action)
-    except ApiError as error:
-        _fail(error)
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _command(job_id: str, action: str) -> None:
+    job_id = _job_id(job_id)
+    with _api_call():
+        job = _client().command(job_id, action)
     console.print(f"{job['job_id']}: {job['message']}")
 
 
@@ -279,16 +312,15 @@ def cancel(job_id: str) -> None:
 @app.command()
 def audit(job_id: str) -> None:
     """Who did what to a job, and when: its whole history from the event store."""
-    try:
-        page = ApiClient(Settings()).events(_job_id(job_id))
-    except ApiError as error:
-        _fail(error)
+    job_id = _job_id(job_id)
+    with _api_call():
+        page = _client().events(job_id)
     table = Table("position", "when (UTC)", "who", "what", "details")
     for event in page["events"]:
         details = {k: v for k, v in event["data"].items() if k not in ("config", "metrics")}
         table.add_row(
             str(event["position"]),
-            event["timestamp"],
+            _when(event["timestamp"]),
             event["actor"],
             event["kind"],
             json.dumps(details, default=str)[:120],
@@ -297,15 +329,27 @@ def audit(job_id: str) -> None:
 
 
 @app.command()
-def replay() -> None:
-    """Rebuild the read tables from the store into fresh tables; exit 1 if they differ."""
-    from services.projector.replay import replay as run_replay
-    from shared.bootstrap import build_app, build_read_store
+def replay(
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="judge a missing or empty store all the same")
+    ] = False,
+) -> None:
+    """Rebuild the read tables from the store into fresh tables; exit 1 if they differ.
 
-    settings = Settings()
-    report = run_replay(build_app(settings), build_read_store(settings), settings)
+    A store that does not exist or holds no event is exit 2, unless --allow-empty.
+    """
+    from services.projector.replay import NothingToReplayError, store_to_replay
+    from services.projector.replay import replay as run_replay
+    from shared.bootstrap import build_read_store
+
+    settings = _settings()
+    try:
+        store = store_to_replay(settings, allow_empty)
+    except NothingToReplayError as error:
+        _refuse(f"{error}: nothing to compare (--allow-empty compares all the same)")
+    report = run_replay(store, build_read_store(settings), settings)
     for line in report.differences[:50]:
-        console.print(f"[red]{line}[/red]")
+        console.print(f"[red]{escape(line)}[/red]")
     verdict = "[green]equal[/green]" if report.equal else "[red]DIFFERENT[/red]"
     console.print(
         f"replayed {report.events} events up to position {report.position}: "

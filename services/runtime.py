@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from types import FrameType
 
@@ -120,10 +121,26 @@ def run_trainer(settings: Settings) -> None:
         stop_on_signals(stop)
         serve_metrics(settings)
         await bus.start()
-        log.info("trainer %s ready", settings.worker_name)
+        log.info("trainer %s ready on %s", settings.worker_name, device_summary())
         try:
             await trainer.run_forever(stop)
         finally:
             await bus.stop()
 
     asyncio.run(main())
+
+
+def device_summary() -> str:
+    """What a trainer can train on, for its start line: each GPU it sees (name, memory,
+    compute capability) and the CPUs. Reads device properties only; runs nothing."""
+    import torch
+
+    cpus = f"{os.cpu_count() or 1} CPUs, {torch.get_num_threads()} torch threads"
+    if not torch.cuda.is_available():
+        return f"cpu only ({cpus})"
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        gpu = torch.cuda.get_device_properties(index)
+        memory = gpu.total_memory / 2**30
+        gpus.append(f"cuda:{index} {gpu.name} ({memory:.0f} GiB, sm_{gpu.major}{gpu.minor})")
+    return f"{', '.join(gpus)} ({cpus})"

@@ -16,6 +16,12 @@ CANCELLING, COMPLETED, FAILED, CANCELLED = "cancelling", "completed", "failed", 
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 ACTIVE_RUN = frozenset({RUNNING, PAUSING, CANCELLING})
 STATUSES = (QUEUED, RUNNING, PAUSING, PAUSED, CANCELLING, COMPLETED, FAILED, CANCELLED)
+# The statuses in which each command from people changes something.
+COMMAND_STATUSES = {
+    "pause": frozenset({QUEUED, RUNNING}),
+    "resume": frozenset({PAUSED}),
+    "cancel": frozenset({QUEUED, RUNNING, PAUSING, PAUSED}),
+}
 
 Metrics = dict[str, Any]
 Shape = tuple[int, int, int]  # a model's inputs: receivers, n_mels, frames
@@ -83,18 +89,18 @@ class TrainingJob(Aggregate):
     # Commands from people (through the api).
 
     def request_pause(self, actor: str) -> None:
-        self._require({QUEUED, RUNNING}, "pause")
+        self._require(COMMAND_STATUSES["pause"], "pause")
         self._pause_requested(actor=actor)
 
     def request_resume(self, actor: str) -> None:
-        self._require({PAUSED}, "resume")
+        self._require(COMMAND_STATUSES["resume"], "resume")
         self._resume_requested(actor=actor)
 
     def request_cancel(self, actor: str) -> bool:
         """Cancel is idempotent: False when the job is already cancelled or cancelling."""
         if self.status in (CANCELLED, CANCELLING):
             return False
-        self._require({QUEUED, RUNNING, PAUSING, PAUSED}, "cancel")
+        self._require(COMMAND_STATUSES["cancel"], "cancel")
         self._cancel_requested(actor=actor)
         return True
 
@@ -226,6 +232,10 @@ class TrainingJob(Aggregate):
         return True
 
     # Rules.
+
+    def allowed_commands(self) -> list[str]:
+        """The commands from people that would change this job now, for clients to offer."""
+        return [name for name, statuses in COMMAND_STATUSES.items() if self.status in statuses]
 
     def check_claim(self, worker: str, attempt: int) -> None:
         """ClaimLostError unless `worker`'s `attempt` is the one running the job."""

@@ -68,6 +68,21 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class QuietReads(logging.Filter):
+    """uvicorn's access line of a GET that succeeded goes at DEBUG: the dashboard's polling
+    and the health checks would bury the commands, which stay at INFO with every error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's: client, method, path, HTTP version, status
+        if record.levelno != logging.INFO or not isinstance(args, tuple) or len(args) != 5:
+            return True
+        method, status = args[1], args[4]
+        if method not in ("GET", "HEAD") or not isinstance(status, int) or status >= 400:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 class JsonFormatter(logging.Formatter):
     """time, level, logger, message, job_id when known, any other `extra`, exception."""
 
@@ -113,4 +128,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietReads) for f in access.filters):
+        access.addFilter(QuietReads())
     logging.captureWarnings(True)

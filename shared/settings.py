@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -17,6 +18,22 @@ DEFAULT_SUBMIT_BATCH = 64
 
 def _default_worker() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _default_log_format() -> Literal["json", "text"]:
+    """Text for a person at a terminal, JSON lines for a collector."""
+    stderr = sys.stderr
+    return "text" if stderr is not None and stderr.isatty() else "json"
+
+
+def connectable_host(host: str) -> str:
+    """The address a client uses to reach a server listening on `host` (a wildcard means
+    this machine; an IPv6 address goes in brackets)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 class Settings(BaseSettings):
@@ -33,7 +50,9 @@ class Settings(BaseSettings):
     work_queue: str = "heimdall.training.work"
     api_host: str = "127.0.0.1"
     api_port: int = Field(8001, ge=1, le=65535)
-    api_url: str = "http://127.0.0.1:8001"
+    api_url: str = Field(
+        "", description="where the CLI finds the api; unset: http://API_HOST:API_PORT"
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     ws_queue: int = Field(1000, ge=1, description="messages a WebSocket client may lag behind")
     poll_seconds: float = Field(0.2, gt=0)
@@ -72,7 +91,7 @@ class Settings(BaseSettings):
     ws_max_message_bytes: int = Field(65_536, ge=256)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=1, le=65535)
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text"] = Field(default_factory=_default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("api_keys", mode="before")
@@ -84,6 +103,12 @@ class Settings(BaseSettings):
     @classmethod
     def _cors_origins(cls, raw: object) -> tuple[str, ...]:
         return parse_origins(raw)
+
+    @model_validator(mode="after")
+    def _api_url_from_host_and_port(self) -> Self:
+        if not self.api_url:
+            self.api_url = f"http://{connectable_host(self.api_host)}:{self.api_port}"
+        return self
 
     @model_validator(mode="after")
     def _no_wildcard_with_credentials(self) -> Self:

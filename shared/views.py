@@ -45,6 +45,7 @@ def job_row(job: TrainingJob, position: int) -> Row:
         "job_name": job.job_name,
         "description": job.description,
         "status": job.status,
+        "allowed_commands": json.dumps(job.allowed_commands()),
         "config": json.dumps(job.config, sort_keys=True),
         "created_at": iso(job.created_on),
         "updated_at": iso(job.modified_on),
@@ -80,9 +81,10 @@ def metric_row(job_id: str, metrics: dict[str, Any], recorded_at: datetime, posi
 
 
 def job_json(row: Row) -> Row:
-    """A read row as the api returns it (`JobView`: config parsed, flags as booleans)."""
+    """A read row as the api returns it (`JobView`: JSON parsed, flags as booleans)."""
     out = {name: row[name] for name in JOB_FIELDS}
     out["config"] = json.loads(row["config"])
+    out["allowed_commands"] = json.loads(row["allowed_commands"])
     out["archived"] = bool(row["archived"])
     return out
 

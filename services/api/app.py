@@ -19,7 +19,7 @@ from services.api.hub import Hub
 from services.api.inputs import BlankInputs
 from services.api.limits import BodyLimit
 from services.api.metrics import HttpMetrics
-from services.api.routes import dashboard, events, health, jobs, metrics, models, ws
+from services.api.routes import dashboard, docs, events, health, jobs, metrics, models, ws
 from shared.bus import ALL_KEYS
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         version="0.1.0",
         lifespan=lifespan,
         description="Submit, watch, pause, resume, cancel and audit training jobs.",
+        docs_url=None,  # served by routes/docs.py, from local files
+        redoc_url=None,
     )
     app.state.context = context
     app.state.hub = Hub(context.settings.ws_queue)
@@ -69,5 +71,6 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     for module in (jobs, events, health, ws, models):
         app.include_router(module.router)
     dashboard.install(app)
+    docs.install(app)
     metrics.install(app, context.jobs, context.reads)
     return app

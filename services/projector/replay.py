@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 
 from services.projector.projection import JobsProjection
 from shared.application import TrainingJobs
+from shared.bootstrap import build_app
 from shared.readmodel.postgres import PostgresReadStore
 from shared.readmodel.sqlite import SQLiteReadStore
 from shared.readmodel.store import ReadStore, Row
@@ -32,6 +34,53 @@ class ReplayReport:
     @property
     def equal(self) -> bool:
         return not self.differences
+
+
+class NothingToReplayError(Exception):
+    """The store the settings name cannot be seen, does not exist, or holds no event."""
+
+
+def store_to_replay(settings: Settings, allow_empty: bool = False) -> TrainingJobs:
+    """The event store the settings name, once it is known to exist and to hold events.
+
+    Raises NothingToReplayError naming where it looked; nothing is created first (opening
+    a store the usual way makes a missing one). `allow_empty` opens it all the same.
+    """
+    where = store_location(settings)
+    if not allow_empty and not _store_exists(settings, where):
+        raise NothingToReplayError(f"no event store at {where}")
+    app = build_app(settings)
+    if not allow_empty and not app.recorder.max_notification_id():
+        raise NothingToReplayError(f"no events in the store at {where}")
+    return app
+
+
+def store_location(settings: Settings) -> str:
+    """Where the store is, for people: the SQLite file, or the database and schema (no
+    user name or password)."""
+    if not settings.database_url:
+        return str(_sqlite_path(settings).absolute())
+    url = urlsplit(settings.database_url)
+    port = f":{url.port}" if url.port else ""
+    return f'{url.scheme}://{url.hostname}{port}{url.path} schema "{settings.database_schema}"'
+
+
+def _sqlite_path(settings: Settings) -> Path:
+    return settings.data_dir / "events.sqlite"  # as shared/store/__init__.py names it
+
+
+def _store_exists(settings: Settings, where: str) -> bool:
+    if not settings.database_url:
+        return _sqlite_path(settings).is_file()
+    # eventsourcing names an application's PostgreSQL table after the application.
+    table = f'"{settings.database_schema}"."{TrainingJobs.name.lower()}_events"'
+    try:
+        with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+            found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    except psycopg.OperationalError as error:
+        reason = (str(error).strip().splitlines() or ["unreachable"])[-1]
+        raise NothingToReplayError(f"cannot open the store at {where}: {reason}") from None
+    return bool(found and found[0])
 
 
 def rebuild(app: TrainingJobs, store: ReadStore, up_to: int) -> int:

@@ -92,6 +92,10 @@ class JobView(BaseModel):
     job_name: str
     description: str
     status: str = Field(description="the status the domain computed after the last event")
+    allowed_commands: list[str] = Field(
+        description="the commands (pause, resume, cancel) this status allows, as the domain"
+        " decides: a client offers these and no others"
+    )
     config: dict[str, Any] = Field(description="the validated job config")
     created_at: str = Field(description="ISO-8601 UTC")
     updated_at: str = Field(description="ISO-8601 UTC, the last event's time")
@@ -115,9 +119,9 @@ class JobView(BaseModel):
     archived: bool = Field(description="archived jobs leave GET /jobs unless include_archived")
     version: int = Field(description="the job stream's version (number of events)")
 
-    @field_validator("config", mode="before")
+    @field_validator("config", "allowed_commands", mode="before")
     @classmethod
-    def _parse_config(cls, value: Any) -> Any:
+    def _parse_json(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
 

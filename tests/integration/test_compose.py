@@ -104,12 +104,28 @@ def test_the_backends_and_the_api_have_health_checks(config: dict[str, Any]) -> 
     assert {"published": 8001, "target": 8001} in services["api"]["ports"]
 
 
-def test_trainers_get_a_gpu_and_share_one_artifacts_volume(config: dict[str, Any]) -> None:
-    volumes = set()
+def test_each_trainer_gets_its_own_gpu_and_all_share_one_artifacts_volume(
+    config: dict[str, Any],
+) -> None:
+    volumes, gpus = set(), []
     for name in TRAINERS:
         trainer = config["services"][name]
         (device,) = trainer["deploy"]["resources"]["reservations"]["devices"]
-        assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+        assert (device["driver"], device["capabilities"]) == ("nvidia", ["gpu"])
+        assert "count" not in device, "count: 1 lets both trainers take the same GPU"
+        gpus += device["device_ids"]
         artifacts = trainer["environment"]["HEIMDALL_ARTIFACTS_DIR"]
         volumes |= {v.split(":")[0] for v in trainer["volumes"] if f":{artifacts}" in v}
+    assert gpus == ["0", "1"]
     assert len(volumes) == 1 and volumes <= set(config["volumes"])
+
+
+def test_every_service_has_a_health_check(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert all("healthcheck" in service for service in services.values()), [
+        name for name, service in services.items() if "healthcheck" not in service
+    ]
+    for name in ("projector", *TRAINERS):
+        test = " ".join(services[name]["healthcheck"]["test"])
+        port = services[name]["environment"]["HEIMDALL_METRICS_PORT"]
+        assert "urllib" in test and f"http://localhost:{port}/metrics" in test, (name, test)

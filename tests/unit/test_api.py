@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -644,3 +645,49 @@ def test_openapi_lists_the_routes(api: Api) -> None:
         assert API + path in paths
     assert set(paths[f"{API}/jobs/{{job_id}}"]) == {"get", "delete"}
     assert "/health" in paths
+
+
+def test_a_page_after_the_head_names_the_head_as_last_position(api: Api) -> None:
+    job_id = api.submit()["id"]
+    head = api.context.jobs.recorder.max_notification_id()
+    assert head
+    for path in ("/events", f"/jobs/{job_id}/events"):
+        page = api.client.get(f"{API}{path}", params={"after": head + 1000}).json()
+        assert (page["events"], page["last_position"]) == ([], head), path
+        page = api.client.get(f"{API}{path}", params={"after": head}).json()
+        assert (page["events"], page["last_position"]) == ([], head), path
+
+
+@pytest.mark.parametrize(("page", "marker"), [("/docs", "SwaggerUIBundle"), ("/redoc", "redoc")])
+def test_the_docs_need_no_network(api: Api, page: str, marker: str) -> None:
+    response = api.client.get(page)
+    assert response.status_code == 200 and marker in response.text
+    assert "http://" not in response.text and "https://" not in response.text, response.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', response.text)
+    assert any(a.endswith(".js") for a in assets), assets
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        served = api.client.get(asset)
+        assert served.status_code == 200 and served.content, asset
+
+
+def test_a_job_says_which_commands_its_status_allows(api: Api) -> None:
+    job = api.submit()
+    assert job["allowed_commands"] == ["pause", "cancel"]
+    paused = api.client.post(f"{API}/jobs/{job['id']}/pause").json()
+    assert (paused["status"], paused["allowed_commands"]) == ("paused", ["resume", "cancel"])
+    listed = api.client.get(f"{API}/jobs").json()["jobs"][0]
+    assert listed["allowed_commands"] == ["resume", "cancel"]
+    api.client.post(f"{API}/jobs/{job['id']}/resume")
+    api.start(job["id"])
+    running = api.status(job["id"], "running")
+    assert running["allowed_commands"] == ["pause", "cancel"]
+    api.client.post(f"{API}/jobs/{job['id']}/cancel")
+    assert api.status(job["id"], "cancelling")["allowed_commands"] == []
+
+
+def test_the_docs_fetch_nothing_from_elsewhere(api: Api) -> None:
+    for page in ("/docs", "/redoc"):
+        assert "connect-src 'self'" in api.client.get(page).headers["content-security-policy"]
+    redoc = api.client.get("/vendor/docs/redoc.standalone.js")
+    assert redoc.status_code == 200 and b"cdn.redoc.ly" not in redoc.content

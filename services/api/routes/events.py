@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from services.api.auth import current_client
-from services.api.deps import ContextDep, JobIdDep, read_after, require_database
+from services.api.deps import ApiContext, ContextDep, JobIdDep, read_after, require_database
 from services.api.schemas import ERROR_RESPONSES, EventOut, EventPage
 
 router = APIRouter(
@@ -30,7 +30,7 @@ def job_events(
 ) -> EventPage:
     """One job's history: every event with its position, actor and timestamp."""
     events = [EventOut.of(e) for e in context.jobs.history(job_id, after, limit)]
-    return EventPage(events=events, last_position=events[-1].position if events else after)
+    return EventPage(events=events, last_position=_last_position(events, after, context))
 
 
 @router.get("/events", response_model=EventPage)
@@ -41,4 +41,12 @@ def all_events(
 ) -> EventPage:
     """Every job's events in store order: page on with `after=last_position`."""
     events = [EventOut.of(e) for e in context.jobs.feed(after, limit)]
-    return EventPage(events=events, last_position=events[-1].position if events else after)
+    return EventPage(events=events, last_position=_last_position(events, after, context))
+
+
+def _last_position(events: list[EventOut], after: int, context: ApiContext) -> int:
+    """Where to ask again from: the last event's position; with none, `after`, or the head
+    of the store when `after` is past it (read after the page, so nothing is skipped)."""
+    if events:
+        return events[-1].position
+    return min(after, context.jobs.recorder.max_notification_id() or 0)

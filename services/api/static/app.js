@@ -2,6 +2,7 @@
 "use strict";
 
 const API = "/api/v1/training";
+const COMMANDS = ["pause", "resume", "cancel"];
 const $ = (id) => document.getElementById(id);
 const state = {
   jobs: [], selected: null, job: null, metrics: new Map(), step: null, socket: null,
@@ -23,10 +24,13 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, options = {}) {
-  const headers = { Accept: "application/json" };
+function authHeaders() {
   const token = authToken();
-  if (token) headers.Authorization = `Bearer ${token}`;
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json", ...authHeaders() };
   if (options.json !== undefined) headers["Content-Type"] = "application/json";
   const body = options.json === undefined ? undefined : JSON.stringify(options.json);
   const response = await fetch(API + path, { method: options.method || "GET", headers, body });
@@ -116,12 +120,21 @@ function debounce(fn, ms) {
 }
 
 const fmt = (value, digits = 4) => (value === null || value === undefined ? "–" : Number(value).toPrecision(digits));
+/** A rate for people: 0.76 stays 0.76, 59.05 is 59.1, 1234.5 is 1235. */
+const rate = (value) => String(value >= 100 ? Math.round(value) : Number(Number(value).toPrecision(3)));
 
-/** A time today, a date before. */
-function when(iso) {
+/** The date and, below it, the time (local), with the exact moment on hover. */
+function whenCell(iso) {
+  const td = cell("", "created");
   const moment = new Date(iso);
-  const today = moment.toDateString() === new Date().toDateString();
-  return today ? moment.toLocaleTimeString() : moment.toLocaleDateString();
+  const date = document.createElement("span");
+  date.textContent = moment.toLocaleDateString();
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = moment.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  td.append(date, time);
+  td.title = moment.toString();
+  return td;
 }
 
 function cell(text, className = "") {
@@ -166,7 +179,7 @@ function jobRow(job) {
     statusCell,
     cell(`${job.current_epoch}/${job.total_epochs}`),
     cell(fmt(job.val_loss)),
-    cell(when(job.created_at)),
+    whenCell(job.created_at),
   );
   tr.title = job.id;
   tr.addEventListener("click", () => select(job.id));
@@ -277,7 +290,24 @@ function showJob(job) {
   const best = job.best_epoch ? ` · best val loss ${fmt(job.best_val_loss)} at epoch ${job.best_epoch}` : "";
   const failure = job.error_message ? ` · ${job.error_message}` : "";
   $("d-summary").textContent = `${job.model_architecture} · attempt ${job.attempt}${best}${failure}`;
+  // What the domain allows in this status, as the api says: no rules of our own here.
+  for (const verb of COMMANDS) $(verb).disabled = !(job.allowed_commands || []).includes(verb);
+  $("downloads").hidden = job.status !== "completed";
+  $("download-model").href = `${API}/jobs/${job.id}/model`;
+  $("download-export").href = `${API}/jobs/${job.id}/export`;
+  showParent(job.config && job.config.init_from);
   renderProgress();
+}
+
+/** The job this one continues from (`config.init_from`), as a link that selects it. */
+function showParent(parentId) {
+  $("d-parent").hidden = !parentId;
+  if (!parentId) return;
+  const link = $("d-parent-link");
+  const known = state.jobs.find((job) => job.id === parentId);
+  link.dataset.id = parentId;
+  link.href = `#job=${parentId}`;
+  link.textContent = known ? `${known.job_name} (${parentId.slice(0, 8)})` : parentId;
 }
 
 function onJobEvent(message) {
@@ -293,8 +323,10 @@ function onJobEvent(message) {
     drawCharts();
   }
   // Every stored event carries the status the domain computed after it: show it at once.
+  // What a new status allows arrives with the job's reload below; until then, nothing.
   if (message.status && state.job && Number.isInteger(message.position)) {
-    showJob({ ...state.job, status: message.status });
+    const allowed = message.status === state.job.status ? state.job.allowed_commands : [];
+    showJob({ ...state.job, status: message.status, allowed_commands: allowed });
   }
   if (String(message.event).startsWith("training_")) reloadJob();
 }
@@ -308,7 +340,7 @@ function renderProgress() {
   let text = `Epoch ${job.current_epoch} of ${job.total_epochs} (${job.progress_percent}%) · ${job.status}`;
   if (step && step.steps_per_epoch) {
     done = (step.epoch - 1 + step.step / step.steps_per_epoch) / total;
-    const speed = step.samples_per_second ? ` · ${Math.round(step.samples_per_second)} samples/s` : "";
+    const speed = step.samples_per_second ? ` · ${rate(step.samples_per_second)} samples/s` : "";
     const eta = Number.isFinite(step.eta_seconds) ? ` · ETA ${duration(step.eta_seconds)}` : "";
     text = `Epoch ${step.epoch} of ${job.total_epochs} · step ${step.step} of ${step.steps_per_epoch} · loss ${fmt(step.loss)}${speed}${eta}`;
   }
@@ -332,6 +364,29 @@ async function command(verb) {
   }
 }
 
+/** Fetch a file of the chosen job with the key in the header (never in a URL), then save it. */
+async function download(what) {
+  const job = state.job;
+  if (!job) return;
+  try {
+    const response = await fetch(`${API}/jobs/${job.id}/${what}`, { headers: authHeaders() });
+    if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+    const named = (response.headers.get("Content-Disposition") || "").match(/filename="([^"]+)"/);
+    saveBlob(await response.blob(), named ? named[1] : `${job.id}.${what === "model" ? "pt" : "heimdall"}`);
+  } catch (error) {
+    showResult($("d-message"), `${new Date().toLocaleTimeString()} could not download the ${what}: ${error.message}`, false);
+  }
+}
+
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = Object.assign(document.createElement("a"), { href: url, download: filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
 // ---- charts (plotly.js, served by the api from the plotly package) ----
 
 function drawCharts() {
@@ -340,9 +395,10 @@ function drawCharts() {
   const line = (key, name, dash = "solid") => ({
     x, y: rows.map((row) => row[key] ?? null), name, mode: "lines+markers", line: { dash },
   });
-  plot("chart-loss", "Loss", [line("train_loss", "train"), line("val_loss", "val")]);
-  plot("chart-lr", "Learning rate", [line("learning_rate", "learning rate")]);
-  plot("chart-distance", "Distance error, validation (m)", [
+  const epochs = Math.max(x.at(-1) || 1, 1);
+  plot("chart-loss", "Loss", epochs, [line("train_loss", "train"), line("val_loss", "val")]);
+  plot("chart-lr", "Learning rate", epochs, [line("learning_rate", "learning rate")]);
+  plot("chart-distance", "Distance error, validation (m)", epochs, [
     line("val_distance_p50_m", "p50"), line("val_distance_p68_m", "p68", "dash"),
     line("val_distance_p95_m", "p95", "dot"),
   ]);
@@ -368,18 +424,26 @@ function renderMetricTable() {
   }
 }
 
-async function loadMetricFields() {
+/** The api's own schema: the metrics table's fields, and the form's defaults (JobConfig's). */
+async function loadSchema() {
   const schema = await fetch("/openapi.json").then((r) => r.json()).catch(() => null);
-  const properties = schema?.components?.schemas?.MetricRow?.properties || {};
+  const schemas = schema?.components?.schemas || {};
+  const properties = schemas.MetricRow?.properties || {};
   state.metricFields = Object.entries(properties).map(([name, p]) => [name, p.description || ""]);
+  const config = schemas.JobConfig?.properties || {};
+  for (const input of $("submit-form").querySelectorAll("[data-config]")) {
+    const fallback = config[input.name]?.default;
+    if (input.value === "" && fallback !== undefined && fallback !== null) input.value = fallback;
+  }
   renderMetricTable();
 }
 
-function plot(id, title, traces) {
+function plot(id, title, epochs, traces) {
   const layout = {
     title: { text: title, font: { size: 13 }, x: 0.01, xanchor: "left" },
     margin: { l: 55, r: 15, t: 30, b: 35 },
-    xaxis: { title: { text: "epoch" }, rangemode: "tozero" },
+    // Epochs are whole: a tick every 1, 2, ... epochs, never 0.5.
+    xaxis: { title: { text: "epoch" }, rangemode: "tozero", tick0: 0, dtick: Math.ceil(epochs / 8), tickformat: "d" },
     legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right" },
   };
   Plotly.react(id, traces, layout, { displayModeBar: false, responsive: true });
@@ -387,15 +451,27 @@ function plot(id, title, traces) {
 
 // ---- start ----
 
-function start() {
+async function start() {
   $("submit-form").addEventListener("submit", submitJob);
   $("reload").addEventListener("click", loadJobs);
-  for (const verb of ["pause", "resume", "cancel"]) $(verb).addEventListener("click", () => command(verb));
+  for (const verb of COMMANDS) $(verb).addEventListener("click", () => command(verb));
+  for (const what of ["model", "export"]) {
+    $(`download-${what}`).addEventListener("click", (event) => {
+      event.preventDefault(); // the key goes in a header, which a plain link cannot send
+      download(what);
+    });
+  }
+  $("d-parent-link").addEventListener("click", (event) => {
+    event.preventDefault();
+    select(event.target.dataset.id);
+  });
   new LiveSocket("/ws/training", onFeed, setLive);
-  loadMetricFields();
-  loadJobs();
+  loadSchema();
   const chosen = location.hash.match(/^#job=([\w-]+)$/);
   if (chosen) select(chosen[1]);
+  await loadJobs();
+  // First visit: the newest job, so the page shows something live at once.
+  if (!chosen && !state.selected && state.jobs.length) select(state.jobs[0].id);
 }
 
 start();
