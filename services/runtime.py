@@ -40,9 +40,20 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
     return context, background
 
 
+def warm_up_preflight() -> None:
+    """Import torch and timm and check the default model before serving: done on the first
+    submit instead, it holds the interpreter for seconds, long enough for the database
+    watch's probes to time out and requests to get false 503s."""
+    from services.api.preflight import preflight
+    from shared.config import JobConfig
+
+    preflight(JobConfig())
+
+
 def serve(settings: Settings, with_projector: bool) -> None:
     """Run the api (and, embedded, the projector) until interrupted."""
     check_exposure(settings)
+    warm_up_preflight()
     context, background = build_api(settings, with_projector)
     serve_http(create_app(context, background), settings)
 
@@ -103,6 +114,7 @@ def serve_embedded(settings: Settings) -> None:
     from services.trainer.worker import build_trainer
 
     check_exposure(settings)
+    warm_up_preflight()
     context, background = build_api(settings, with_projector=True)
     trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
     background.append(trainer.run_forever)

@@ -128,6 +128,9 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+        # A dictConfig elsewhere (disable_existing_loggers) may have switched them off.
+        uvicorn_logger.disabled = False
+        uvicorn_logger.setLevel(logging.NOTSET)
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, QuietReads) for f in access.filters):
         access.addFilter(QuietReads())
