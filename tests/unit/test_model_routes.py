@@ -397,3 +397,17 @@ def test_an_onnx_file_not_yet_in_the_shared_location_is_503(
 def test_the_api_reads_the_files_by_the_names_the_trainer_writes() -> None:
     assert (models.MANIFEST_FILE, models.ERROR_FILE) == (export.MANIFEST_FILE, export.ERROR_FILE)
     assert models.MANIFEST_VERSION == export.MANIFEST_VERSION
+
+
+def test_an_onnx_file_linked_from_outside_the_jobs_folder_is_refused(
+    platform: Platform, completed: Completed, tmp_path: Path
+) -> None:
+    job_id = another_host(platform, completed)
+    onnx = platform.root / job_id / "model.onnx"
+    outside = tmp_path / "model.onnx"
+    shutil.copy(onnx, outside)  # the same bytes, so only where it lies is wrong
+    onnx.unlink()
+    onnx.symlink_to(outside)
+    response = platform.client.get(f"{API}/jobs/{job_id}/export")
+    assert response.status_code == 409, response.text
+    assert "outside the artifacts location" in response.json()["detail"]

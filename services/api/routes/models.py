@@ -113,7 +113,8 @@ def export_bundle(
     manifest = read_manifest(path, job_id)
     completed = completed_event(context.jobs, job_id)
     document = bundle_document(job, completed, manifest, parts, created_by=client.name)
-    onnx = shared_file(path.parent / _plain_name(manifest["onnx"]["file"]), job.id)
+    beside = path.parent / _plain_name(manifest["onnx"]["file"])
+    onnx = shared_file(artifact_path(context.settings.artifacts, job.id, str(beside)), job.id)
     body, size = stream(document, onnx.open("rb"), manifest["onnx"]["sha256"])
     headers = {"Content-Length": str(size), "Content-Disposition": _attachment(job, ".heimdall")}
     return StreamingResponse(body, media_type="application/json", headers=headers)
