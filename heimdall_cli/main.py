@@ -200,6 +200,8 @@ def submit(
     with _api_call():
         job = _client().submit(body)
     console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
+    for warning in job.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if watch:
         _watch(job["id"])
 
@@ -233,18 +235,28 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
         _refuse(f"--status {status[:60]!r}: want one of {', '.join(STATUSES)}")
     if limit < 1:
         _refuse(f"--limit {limit}: want 1 to 500")
+    from heimdall_cli.watch import duration
+
     with _api_call():
         page = _client().jobs(status, limit)
-    table = Table("id", "name", "status", "epoch", "val loss", "model", "created (UTC)")
+    table = Table(
+        "id", "name", "status", "epoch", "step", "samples/s", "ETA", "val loss", "model",
+        "device", "created (UTC)",
+    )  # fmt: skip
     for job in page["jobs"]:
-        epoch = f"{job['current_epoch']}/{job['total_epochs']}"
+        live = job.get("progress") or {}
+        step = f"{live['step']}/{live['steps_per_epoch']}" if live else "-"
         table.add_row(
             job["id"],
-            job["job_name"],
+            escape(job["job_name"]),
             job["status"],
-            epoch,
+            f"{job['current_epoch']}/{job['total_epochs']}",
+            step,
+            _shown(live.get("samples_per_second")),
+            duration(live.get("eta_seconds")),
             _shown(job.get("val_loss")),
-            job["model_architecture"],
+            escape(job["model_architecture"]),
+            escape(job.get("device") or "-"),
             _when(job.get("created_at")),
         )
     console.print(table)

@@ -43,7 +43,8 @@ def _number(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _duration(seconds: Any) -> str:
+def duration(seconds: Any) -> str:
+    """Seconds for people: `4m05s`, `2h07m`; nothing known is a dash."""
     if seconds is None:
         return "-"
     minutes, secs = divmod(int(seconds), 60)
@@ -95,13 +96,15 @@ class Watcher:
         self.epochs, self.epoch = job["total_epochs"], job["current_epoch"]
         self.final = {"error": job.get("error_message"), "model_uri": job.get("model_path")}
         self.fields["loss"] = _number(job.get("val_loss"), ".4f")
+        if job.get("progress"):  # a running job: where its trainer last said it was
+            self._step(job["progress"])
 
     def _step(self, data: dict[str, Any]) -> None:
         self.epochs = data.get("total_epochs") or self.epochs
         self.epoch = data["epoch"] - 1 + data["step"] / max(data["steps_per_epoch"], 1)
         self.fields["step"] = f"{data['step']}/{data['steps_per_epoch']}"
         self.fields["loss"] = _number(data.get("loss"), ".4f")
-        self.fields["eta"] = _duration(data.get("eta_seconds"))
+        self.fields["eta"] = duration(data.get("eta_seconds"))
 
     def _epoch(self, data: dict[str, Any]) -> None:
         metrics = data.get("metrics", {})

@@ -116,10 +116,13 @@ class TrainingJobs(Application[UUID]):
         config: dict[str, Any],
         actor: str,
         idempotency_key: str | None = None,
+        parameter_count: int | None = None,
+        warnings: list[str] | None = None,
     ) -> Accepted:
         """A new queued job; the same idempotency key (per actor) never makes a second one.
         A config with `init_from` also records `Continued` on the job it names, in the same
-        transaction (InitFromError when that job cannot start this one)."""
+        transaction (InitFromError when that job cannot start this one). `parameter_count`
+        and `warnings` are the preflight's findings, stored with the job's `Submitted`."""
         if idempotency_key is None:
             job_id = uuid4()
         else:
@@ -131,6 +134,8 @@ class TrainingJobs(Application[UUID]):
             "job_name": job_name,
             "description": description,
             "config": config,
+            "parameter_count": parameter_count,
+            "warnings": list(warnings or []),
         }
         try:
             if config.get("init_from"):

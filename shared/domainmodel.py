@@ -62,10 +62,22 @@ class TrainingJob(Aggregate):
 
     @event("Submitted", topic=TOPIC + "Submitted")
     def __init__(
-        self, id: UUID, job_name: str, description: str, config: dict[str, Any], actor: str
+        self,
+        id: UUID,
+        job_name: str,
+        description: str,
+        config: dict[str, Any],
+        actor: str,
+        parameter_count: int | None = None,
+        warnings: list[str] | None = None,
     ) -> None:
+        """`parameter_count` and `warnings` are what the api's preflight found at submit
+        (the model's trainable parameters; what the job will cost), None when not checked."""
         self.job_name, self.description, self.config = job_name, description, config
         self.submitted_by = actor
+        self.parameter_count = parameter_count
+        self.warnings = list(warnings or [])
+        self.device: str | None = None  # the last claim's, as its trainer described it
         self.status = QUEUED
         self.archived = False
         self.worker: str | None = None
@@ -138,6 +150,7 @@ class TrainingJob(Aggregate):
                 worker=worker,
                 attempt=self.attempt + 1,
                 actor=worker,
+                device=device,
             )
         else:
             self._started(
@@ -233,6 +246,15 @@ class TrainingJob(Aggregate):
 
     # Rules.
 
+    def current_warnings(self) -> list[str]:
+        """What a user should know before trusting the job's pace: the submit's warnings,
+        and from the claim on, a job that asked for any accelerator but got a CPU."""
+        found = list(self.warnings)
+        asked = self.config.get("accelerator", "auto")
+        if self.device and self.device.startswith("cpu") and asked != "cpu":
+            found.append(f"running on {self.device}: its trainer has no GPU")
+        return found
+
     def allowed_commands(self) -> list[str]:
         """The commands from people that would change this job now, for clients to offer."""
         return [name for name, statuses in COMMAND_STATUSES.items() if self.status in statuses]
@@ -300,15 +322,23 @@ class TrainingJob(Aggregate):
         actor: str,
     ) -> None:
         self.status, self.worker, self.attempt = RUNNING, worker, attempt
+        self.device = device
         self.started_at = self.started_at or self.modified_on
         self.attempt_epoch = resumed_from_epoch
         self.resume_pending = False
 
     @event("Resumed", topic=TOPIC + "Resumed")
     def _resumed(
-        self, epoch: int, checkpoint_uri: str, worker: str, attempt: int, actor: str
+        self,
+        epoch: int,
+        checkpoint_uri: str,
+        worker: str,
+        attempt: int,
+        actor: str,
+        device: str | None = None,
     ) -> None:
         self.status, self.worker, self.attempt = RUNNING, worker, attempt
+        self.device = device or self.device
         self.resume_pending = False
         self.attempt_epoch = epoch
 
@@ -387,6 +417,28 @@ class TrainingJob(Aggregate):
     @event("Continued", topic=TOPIC + "Continued")
     def _continued(self, child_job_id: str, actor: str) -> None:
         """The link to the new job is the event itself (the history); no state changes."""
+
+
+def _upcast_v1_v2(defaults: dict[str, Any]) -> Any:
+    """An upcast that gives a version-1 state the fields version 2 added (eventsourcing
+    calls `upcast_v1_v2(state)` on stored events and snapshots older than `class_version`)."""
+
+    def upcast(state: dict[str, Any]) -> None:
+        for name, value in defaults.items():
+            state.setdefault(name, value)
+
+    return staticmethod(upcast)
+
+
+# Version 2 added the preflight's findings to `Submitted` and the device to `Resumed`.
+_VERSION_2: dict[type, dict[str, Any]] = {
+    TrainingJob: {"parameter_count": None, "warnings": [], "device": None},
+    TrainingJob.Submitted: {"parameter_count": None, "warnings": None},  # type: ignore[attr-defined]
+    TrainingJob.Resumed: {"device": None},  # type: ignore[attr-defined]
+}
+for _cls, _defaults in _VERSION_2.items():
+    _cls.class_version = 2  # type: ignore[attr-defined]
+    _cls.upcast_v1_v2 = _upcast_v1_v2(_defaults)  # type: ignore[attr-defined]
 
 
 def _register_topics() -> None:

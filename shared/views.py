@@ -12,8 +12,8 @@ from typing import Any
 
 from shared.domainmodel import TrainingJob
 from shared.readmodel.shapes import (
-    JOB_FIELDS,
     JOB_METRIC_FIELDS,
+    JOB_STATE_FIELDS,
     JOB_TYPE,
     METRIC_ROW_FIELDS,
     EpochMetrics,
@@ -66,6 +66,9 @@ def job_row(job: TrainingJob, position: int) -> Row:
         "archived": int(job.archived),
         "submitted_by": job.submitted_by,
         "version": job.version,
+        "device": job.device,
+        "parameter_count": job.parameter_count,
+        "warnings": json.dumps(job.current_warnings()),
         "position": position,
     }
 
@@ -80,12 +83,14 @@ def metric_row(job_id: str, metrics: dict[str, Any], recorded_at: datetime, posi
     return row
 
 
-def job_json(row: Row) -> Row:
-    """A read row as the api returns it (`JobView`: JSON parsed, flags as booleans)."""
-    out = {name: row[name] for name in JOB_FIELDS}
-    out["config"] = json.loads(row["config"])
-    out["allowed_commands"] = json.loads(row["allowed_commands"])
+def job_json(row: Row, progress: Row | None = None) -> Row:
+    """A read row as the api returns it (`JobView`: JSON parsed, flags as booleans), with
+    the live-only `progress` when the caller heard one (`LiveProgress`'s fields)."""
+    out = {name: row[name] for name in JOB_STATE_FIELDS}
+    for name in ("config", "allowed_commands", "warnings"):
+        out[name] = json.loads(row[name])
     out["archived"] = bool(row["archived"])
+    out["progress"] = progress
     return out
 
 

@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from services.trainer.loop import steps_per_epoch
 from shared.settings import Settings
 
 HEIMDALL = [sys.executable, "-m", "heimdall_cli.main"]
@@ -144,3 +146,42 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+# A job slow enough to be caught mid-epoch on two shared cores: about 40 steps an epoch.
+LIVE_CONFIG = {
+    "epochs": 2,
+    "batch_size": 4,
+    "accelerator": "auto",
+    "dataset": {"samples": 192, "n_mels": 16, "frames": 16},
+}
+
+
+def assert_live_progress(client: httpx.Client, timeout: float = 120) -> None:
+    """Submit `LIVE_CONFIG` and check the running job's REST row: its device and the
+    CPU warning from the claim on, then the live step, steps per epoch, samples/s, an ETA
+    and the time of the last step; no progress once it has ended."""
+    body = {"job_name": "live", "config": tiny_config(**LIVE_CONFIG)}
+    created = client.post(f"{API}/jobs", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["parameter_count"] > 10**6
+    assert created.json()["progress"] is None
+    job_id = created.json()["id"]
+    row = wait_job(client, job_id, lambda j: j["progress"] or j["status"] in TERMINAL, timeout,
+                   "live progress")  # fmt: skip
+    assert row["status"] == "running", row
+    assert row["device"] == "cpu (fp32)"
+    assert any("running on cpu (fp32)" in w for w in row["warnings"]), row["warnings"]
+    live = row["progress"]
+    events = client.get(f"{API}/jobs/{job_id}/events").json()["events"]
+    started = next(e["data"] for e in events if e["kind"] == "Started")
+    steps = steps_per_epoch(started["train_size"], LIVE_CONFIG["batch_size"])
+    assert live["steps_per_epoch"] == steps and steps > 20
+    assert 1 <= live["step"] <= steps and live["epoch"] in (1, 2) and live["total_epochs"] == 2
+    assert live["samples_per_second"] > 0 and live["eta_seconds"] is not None
+    reported = datetime.fromisoformat(live["reported_at"])
+    assert abs((datetime.now(UTC) - reported).total_seconds()) < 30
+    listed = client.get(f"{API}/jobs", params={"status": "running"}).json()["jobs"]
+    assert [j["progress"]["steps_per_epoch"] for j in listed if j["id"] == job_id] == [steps]
+    done = wait_status(client, job_id, TERMINAL, timeout)
+    assert done["status"] == "completed" and done["progress"] is None, done

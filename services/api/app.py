@@ -50,7 +50,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         redoc_url=None,
     )
     app.state.context = context
-    app.state.hub = Hub(context.settings.ws_queue)
+    app.state.hub = Hub(context.settings.ws_queue, context.progress)
     context.bus.subscribe_fanout(ALL_KEYS, app.state.hub.relay)
     app.add_middleware(BodyLimit, max_bytes=context.settings.max_body_bytes)
     app.add_middleware(BlankInputs)

@@ -14,6 +14,7 @@ from uuid import UUID
 from starlette.concurrency import run_in_threadpool
 
 from services.api.freshness import ReadFreshness
+from services.api.preflight import Estimate
 from shared.application import Accepted, TrainingJobs
 
 P = ParamSpec("P")
@@ -32,9 +33,18 @@ class Commands:
         config: dict[str, Any],
         actor: str,
         idempotency_key: str | None,
+        estimate: Estimate | None = None,
     ) -> Accepted:
+        """A new job; `estimate` is the preflight's (stored with it)."""
         return await self._run(
-            self.jobs.submit, job_name, description, config, actor, idempotency_key
+            self.jobs.submit,
+            job_name,
+            description,
+            config,
+            actor,
+            idempotency_key,
+            estimate.parameter_count if estimate else None,
+            estimate.warnings if estimate else None,
         )
 
     async def pause(self, job_id: UUID, actor: str) -> Accepted:

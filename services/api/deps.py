@@ -14,10 +14,12 @@ from services.api.auth import OperatorDep
 from services.api.availability import DatabaseWatch
 from services.api.commands import Commands
 from services.api.freshness import ReadFreshness
+from services.api.progress import ProgressBoard
 from shared.application import JobNotFoundError, TrainingJobs
 from shared.bus import Bus
 from shared.readmodel.store import ReadStore
 from shared.settings import Settings
+from shared.views import Row, job_json
 
 
 @dataclass
@@ -32,6 +34,11 @@ class ApiContext:
     freshness: ReadFreshness = field(init=False)
     commands: Commands = field(init=False)
     watch: DatabaseWatch | None = None  # PostgreSQL only: SQLite is a local file
+    progress: ProgressBoard = field(default_factory=ProgressBoard)  # fed by the hub
+
+    def job_view(self, row: Row) -> Row:
+        """A read row as the api returns it, with the running job's live `progress`."""
+        return job_json(row, self.progress.of(str(row["id"]), str(row["status"])))
 
     def __post_init__(self) -> None:
         self.freshness = ReadFreshness(self.reads, self.settings.read_wait_seconds)

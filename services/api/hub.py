@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from services.api.progress import ProgressBoard
 from shared.bus import RESUBSCRIBED_KEY, TELEMETRY_KEY, Envelope, websocket_event
 
 Message = dict[str, Any]
@@ -116,9 +117,10 @@ class Subscription:
 class Hub:
     """The api replica's live fan-out: subscribed to every bus message before the bus starts."""
 
-    def __init__(self, queue_size: int = 1000) -> None:
+    def __init__(self, queue_size: int = 1000, progress: ProgressBoard | None = None) -> None:
         self.queue_size = queue_size
         self.position = 0  # the highest store position relayed
+        self.progress = progress or ProgressBoard()  # each running job's last step (REST)
         self._by_job: dict[str, set[Subscription]] = {}
         self._everything: set[Subscription] = set()
 
@@ -148,6 +150,7 @@ class Hub:
         if envelope.routing_key == RESUBSCRIBED_KEY:
             self._may_have_missed()
             return
+        self.progress.observe(envelope)
         if envelope.routing_key != TELEMETRY_KEY:
             if self.position and envelope.position > self.position + 1:
                 self._may_have_missed()

@@ -5,12 +5,16 @@ first step is a 422 naming the field, not a `Failed` job minutes later. The mode
 on PyTorch's `meta` device (shapes only, no memory, no arithmetic) by the trainer's own
 `build_model`, and its verdict cached per architecture, input shape and batch size.
 torch and timm are imported on first use: the api starts without them.
+
+The same probe counts the model's parameters and its FLOPs, from which the submit's
+answer warns of a job that will be slow where no GPU runs it (`Estimate`).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +39,34 @@ Shape = tuple[int, int, int, int]  # samples, receivers, n_mels, frames
 # Loading real weights into a meta model copies nothing, by design; torch says so per tensor.
 META_COPY_WARNING = "for .*: copying from a non-meta parameter"
 DATASET: TypeAdapter[SyntheticDataset | FilesDataset] = TypeAdapter(Dataset)
+# A training step costs about three forward passes (the backward pass about two): Kaplan et
+# al. 2020, "Scaling Laws for Neural Language Models", §2.1.
+TRAINING_FLOPS_PER_FORWARD = 3
+# What a trainer without a GPU sustains, FLOP/s: measured with bench/first_steps.py on a
+# 2-core machine (convnext_large, batch 16, 64x32 maps: 135 GFLOP a step in about 20 s).
+CPU_TRAINING_FLOPS = 7e9
+# A job whose CPU estimate exceeds this many seconds is flagged at submit.
+SLOW_JOB_SECONDS = 15 * 60
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What building the model and one forward pass found: `problem` (field, message) when
+    it cannot train on the inputs, else its trainable `parameters` and the FLOPs of one
+    sample's forward pass (`torch.utils.flop_counter`: matrix products and convolutions)."""
+
+    problem: tuple[str, str] | None
+    parameters: int = 0
+    forward_flops_per_sample: int = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a job will cost, for the submit's answer and the job's row: the model's
+    trainable parameters, and warnings in plain words (empty when nothing stands out)."""
+
+    parameter_count: int
+    warnings: list[str] = field(default_factory=list)
 
 
 class PreflightError(ValueError):
@@ -48,8 +80,9 @@ class PreflightError(ValueError):
 
 def preflight(
     config: JobConfig, max_dataset_bytes: int = MAX_DATASET_BYTES, max_devices: int = MAX_DEVICES
-) -> None:
-    """Refuse a config no trainer can run; PreflightError names the first field at fault.
+) -> Estimate:
+    """Refuse a config no trainer can run (PreflightError names the first field at fault);
+    otherwise what it will cost (`Estimate`).
 
     Checks, in order: `devices` <= `max_devices`; the dataset's inputs (float32
     `[samples, receivers, n_mels, frames]`) fit in `max_dataset_bytes`; a files dataset is
@@ -58,7 +91,7 @@ def preflight(
     `batch_size` >= 2); `pretrained_path` holds weights that fit the model. Reads local
     files but writes nothing. Builds the model only for an architecture, shape and batch
     size not seen before (35-160 ms on a CPU; about a microsecond after, see
-    `model_verdict`); a `pretrained_path` is read on every call. Blocking: call it from a
+    `probe_model`); a `pretrained_path` is read on every call. Blocking: call it from a
     worker thread in async code.
     """
     if config.devices > max_devices:
@@ -69,11 +102,50 @@ def preflight(
         )
     shape = dataset_shape(config.dataset)
     _check_memory(config.dataset, shape, max_dataset_bytes)
-    verdict = model_verdict(config.model_architecture, shape[1:], config.batch_size)
-    if verdict is not None:
-        raise PreflightError(*verdict)
+    probe = probe_model(config.model_architecture, shape[1:], config.batch_size)
+    if probe.problem is not None:
+        raise PreflightError(*probe.problem)
     if config.pretrained_path:
         _check_weights(config, shape[1:])
+    return Estimate(probe.parameters, _cost_warnings(config, shape[0], probe))
+
+
+def _cost_warnings(config: JobConfig, samples: int, probe: ModelProbe) -> list[str]:
+    """A warning when the job, trained on a CPU at `CPU_TRAINING_FLOPS`, would take longer
+    than `SLOW_JOB_SECONDS`, unless the config asks for a GPU (then no CPU runs it)."""
+    from services.trainer.dataset import split_indices
+    from services.trainer.loop import steps_per_epoch
+
+    if config.accelerator == "gpu":
+        return []
+    train, _ = split_indices(samples, config.validation_split, config.seed)
+    steps = config.epochs * steps_per_epoch(len(train), config.batch_size)
+    step_flops = TRAINING_FLOPS_PER_FORWARD * probe.forward_flops_per_sample * config.batch_size
+    step_seconds = step_flops / CPU_TRAINING_FLOPS
+    if steps * step_seconds <= SLOW_JOB_SECONDS:
+        return []
+    where = "on the CPU" if config.accelerator == "cpu" else "on a trainer without a GPU"
+    return [
+        f"{config.model_architecture} ({_millions(probe.parameters)} parameters,"
+        f" {step_flops / 1e9:.0f} GFLOP a training step) {where}: expect about"
+        f" {_duration(step_seconds)} a step, {_duration(steps * step_seconds)} for"
+        f" {steps} steps"
+    ]
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.0f} M" if count >= 10**7 else f"{count / 1e6:.1f} M"
+
+
+def _duration(seconds: float) -> str:
+    """`0.4 s`, `20 s`, `12 min`, `3.1 h`: one unit, two or three figures."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def check_init_from(config: JobConfig, jobs: TrainingJobs) -> None:
@@ -165,26 +237,29 @@ def _check_memory(dataset: SyntheticDataset | FilesDataset, shape: Shape, limit:
 
 
 @lru_cache(maxsize=512)
-def model_verdict(
-    architecture: str, maps: tuple[int, int, int], batch: int
-) -> tuple[str, str] | None:
-    """None when `architecture` trains on `[batch, *maps]` inputs, else (field, message).
+def probe_model(architecture: str, maps: tuple[int, int, int], batch: int) -> ModelProbe:
+    """Whether `architecture` trains on `[batch, *maps]` inputs, its trainable parameters
+    and its forward FLOPs per sample (see `ModelProbe`).
 
     Cached: the answer depends on nothing else (dropout and weights change no shape).
     """
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     receivers, n_mels, frames = maps
     try:
         model = _meta_model(architecture, receivers, (n_mels, frames))
         if batch == 1 and _uses_batch_norm(model):
-            return "batch_size", f"batch_size 1: {architecture} uses batch norm; use 2 or more"
-        with torch.device("meta"), torch.no_grad():
+            problem = f"batch_size 1: {architecture} uses batch norm; use 2 or more"
+            return ModelProbe(("batch_size", problem))
+        counter = FlopCounterMode(display=False)
+        with torch.device("meta"), torch.no_grad(), counter:
             model.train()
             model(torch.zeros(batch, *maps))
     except Exception as error:  # timm models fail in their own ways on shapes they refuse
-        return "model_architecture", _cannot_take(architecture, maps, error)
-    return None
+        return ModelProbe(("model_architecture", _cannot_take(architecture, maps, error)))
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ModelProbe(None, parameters, counter.get_total_flops() // batch)
 
 
 def _meta_model(architecture: str, in_chans: int, size: tuple[int, int]) -> Localiser:

@@ -203,12 +203,12 @@ class LiveSession:
         """The read row and its position; from the store if the projector is not there yet."""
         row = self.context.reads.get_job(str(job_id))
         if row is not None:
-            return job_json(row), int(row["position"])
+            return self.context.job_view(row), int(row["position"])
         return job_json(job_row(self.context.jobs.get_job(job_id), position=0)), 0
 
     def _active_jobs(self) -> list[Message]:
         rows, _ = self.context.reads.list_jobs(None, ACTIVE_LIMIT, 0, include_archived=False)
-        return [job_json(r) for r in reversed(rows) if r["status"] not in TERMINAL]
+        return [self.context.job_view(r) for r in reversed(rows) if r["status"] not in TERMINAL]
 
     def _page(self, after: int) -> list[StoredJobEvent]:
         if self.job_id is None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from services.trainer.control import StartInfo, StepInfo
 from shared.bus import Bus, Envelope
+from shared.readmodel.shapes import StepProgress
 
 log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 1.0
@@ -38,14 +39,16 @@ class StepTelemetry:
         self.interval, self.clock = interval, clock
         self._next = -math.inf
         self._total_epochs = 0
-        self._first: tuple[float, int] | None = None
+        self._started = clock()
+        self._steps = 0  # steps this attempt has run
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, info: StartInfo) -> None:
         self._total_epochs = info.total_epochs
-        self._first = None
+        self._started, self._steps = self.clock(), 0
 
     def __call__(self, step: StepInfo) -> None:
+        self._steps += 1
         now = self.clock()
         if now < self._next:
             return
@@ -55,27 +58,26 @@ class StepTelemetry:
             self.loop.call_soon_threadsafe(self._publish, envelope)
 
     def data(self, step: StepInfo, now: float) -> dict[str, float | int | None]:
-        return {
-            "epoch": step.epoch,
-            "total_epochs": self._total_epochs or None,
-            "step": step.step,
-            "steps_per_epoch": step.steps_per_epoch,
-            "loss": step.loss if math.isfinite(step.loss) else None,
-            "samples_per_second": round(step.samples_per_second, 2),
-            "eta_seconds": self._eta(step, now),
-        }
+        """The message's `data`: a `StepProgress`."""
+        progress = StepProgress(
+            epoch=step.epoch,
+            total_epochs=self._total_epochs or None,
+            step=step.step,
+            steps_per_epoch=step.steps_per_epoch,
+            loss=step.loss if math.isfinite(step.loss) else None,
+            samples_per_second=round(step.samples_per_second, 2),
+            eta_seconds=self._eta(step, now),
+        )
+        return progress.model_dump()
 
     def _eta(self, step: StepInfo, now: float) -> float | None:
-        """Steps left at the pace since the first step seen (validation time included)."""
+        """Steps left at this attempt's pace since its start (validations included), so
+        the first step has one too."""
         done = (step.epoch - 1) * step.steps_per_epoch + step.step
-        if self._first is None:
-            self._first = (now, done)
-            return None
-        seconds, steps = now - self._first[0], done - self._first[1]
         left = self._total_epochs * step.steps_per_epoch - done
-        if steps <= 0 or self._total_epochs <= 0:
+        if self._steps <= 0 or self._total_epochs <= 0:
             return None
-        return round(max(left, 0) * seconds / steps, 1)
+        return round(max(left, 0) * (now - self._started) / self._steps, 1)
 
     def _publish(self, envelope: Envelope) -> None:
         task = self.loop.create_task(self._send(envelope))

@@ -84,8 +84,33 @@ class MetricRow(EpochMetrics):
     timestamp: str = Field(description="the same moment as recorded_at (the frontend's name)")
 
 
-class JobView(BaseModel):
-    """A job as the api returns it (`GET /jobs`, `GET /jobs/{id}`, WebSocket status)."""
+class StepProgress(BaseModel):
+    """Where a running job is inside an epoch: the trainer's live telemetry (`training.step`
+    on the bus, at most one a second per job), never stored."""
+
+    epoch: int = Field(description="the epoch being trained, 1-based")
+    total_epochs: int | None = Field(None, description="the epochs the job will train")
+    step: int = Field(description="training steps done in this epoch, 1-based")
+    steps_per_epoch: int
+    loss: float | None = Field(None, description="the last step's mean training loss (NLL)")
+    samples_per_second: float | None = Field(
+        None, description="training samples per second over the epoch's steps so far"
+    )
+    eta_seconds: float | None = Field(
+        None,
+        description="seconds until the last epoch ends at this attempt's pace so far (its"
+        " validations included); from the first step on",
+    )
+
+
+class LiveProgress(StepProgress):
+    """A running job's last step telemetry as an api replica last heard it."""
+
+    reported_at: str = Field(description="when the trainer sent it, ISO-8601 UTC")
+
+
+class JobState(BaseModel):
+    """A job's state as the projection derives it from the store (the read table's part)."""
 
     id: str = Field(description="the job's id (a UUID)")
     job_type: Literal["training"] = Field(JOB_TYPE, description="always `training`")
@@ -118,15 +143,38 @@ class JobView(BaseModel):
     model_architecture: str
     archived: bool = Field(description="archived jobs leave GET /jobs unless include_archived")
     version: int = Field(description="the job stream's version (number of events)")
+    device: str | None = Field(
+        description="where the last claim runs it, as its trainer says (`cuda:0 (bf16)`,"
+        " `cpu (fp32)`), from `Started` or `Resumed`; null before the first claim"
+    )
+    parameter_count: int | None = Field(
+        description="the model's trainable parameters, counted at submit; null for jobs"
+        " submitted before this was counted"
+    )
+    warnings: list[str] = Field(
+        description="what the job will cost, from the submit (a big model where no GPU may"
+        " run it) and from the claim on (it runs on a CPU although it did not ask for one)"
+    )
 
-    @field_validator("config", "allowed_commands", mode="before")
+    @field_validator("config", "allowed_commands", "warnings", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
 
-class JobRow(JobView):
-    """The `training_jobs` row: the view plus what only the api's internals read."""
+class JobView(JobState):
+    """A job as the api returns it (`GET /jobs`, `GET /jobs/{id}`, WebSocket status)."""
+
+    progress: LiveProgress | None = Field(
+        None,
+        description="live-only: the running job's last step telemetry, as this api replica"
+        " heard it; never stored, so not in replay's comparison; null unless the job runs"
+        " and its trainer has reported a step",
+    )
+
+
+class JobRow(JobState):
+    """The `training_jobs` row: the state plus what only the api's internals read."""
 
     worker: str | None = Field(description="the trainer running it, if any")
     submitted_by: str
@@ -134,10 +182,12 @@ class JobRow(JobView):
 
 
 # The fields of the last epoch's metrics that a job row repeats.
-JOB_METRIC_FIELDS = tuple(f for f in JobView.model_fields if f in EpochMetrics.model_fields)
+JOB_METRIC_FIELDS = tuple(f for f in JobState.model_fields if f in EpochMetrics.model_fields)
 # Columns of `training_metrics`: the key, every metric, when, and the position.
 METRIC_ROW_FIELDS = tuple(MetricRow.model_fields)
 JOB_FIELDS = tuple(JobView.model_fields)
+JOB_STATE_FIELDS = tuple(JobState.model_fields)
+LIVE_FIELDS = tuple(f for f in JOB_FIELDS if f not in JOB_STATE_FIELDS)
 JOB_ROW_FIELDS = tuple(JobRow.model_fields)
 SQL_TYPES = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION", bool: "INTEGER"}
 

@@ -17,6 +17,7 @@ from tests.processes import (
     API,
     HEIMDALL,
     Service,
+    assert_live_progress,
     free_port,
     settings_env,
     tiny_config,
@@ -53,6 +54,10 @@ def test_embedded_run_trains_a_job_to_completion(embedded: httpx.Client) -> None
     kinds = [e["kind"] for e in embedded.get(f"{API}/jobs/{done['id']}/events").json()["events"]]
     assert kinds[0] == "Submitted" and kinds[1] == "Started" and kinds[-1] == "Completed"
     assert kinds.count("EpochCompleted") == 3
+
+
+def test_a_running_jobs_row_carries_its_live_progress(embedded: httpx.Client) -> None:
+    assert_live_progress(embedded)
 
 
 def test_cli_talks_to_the_running_api(embedded: httpx.Client, tmp_path: Path) -> None:

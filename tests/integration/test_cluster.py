@@ -20,6 +20,7 @@ from tests.conftest import RABBIT_URL
 from tests.processes import (
     API,
     Service,
+    assert_live_progress,
     free_port,
     settings_env,
     tiny_config,
@@ -99,6 +100,13 @@ def cluster(postgres_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
         raise
     finally:
         running.stop()
+
+
+def test_a_running_jobs_row_carries_its_live_progress(cluster: Cluster) -> None:
+    """Telemetry crosses RabbitMQ from the trainer process to the api's row."""
+    cluster.trainer("t1")
+    assert_live_progress(cluster.client)
+    assert_replay_equals_live(cluster.settings)  # the live-only part is no part of replay
 
 
 def assert_replay_equals_live(settings: Settings) -> None:

@@ -177,6 +177,26 @@ def test_submit_returns_201_with_the_job(api: Api) -> None:
     assert api.stored_kinds(job["id"]) == ["Submitted"]
 
 
+def test_the_seed_example_answers_what_it_will_cost(api: Api) -> None:
+    """The 201 and the row carry the parameter count and the submit's warning; from the
+    claim on, a job that asked for any device but got a CPU says so too."""
+    seed = {"model_architecture": "convnext_large", "epochs": 5, "batch_size": 16}
+    job = api.submit(**seed)
+    assert 190e6 < job["parameter_count"] < 200e6
+    assert len(job["warnings"]) == 1 and "on a trainer without a GPU" in job["warnings"][0]
+    assert api.read(job["id"], lambda j: True)["job"]["warnings"] == job["warnings"]
+    api.trainer(job["id"], lambda j: j.claim(TRAINER, "cpu (fp32)", 80, 20))
+    running = api.status(job["id"], "running")
+    assert running["device"] == "cpu (fp32)"
+    assert running["warnings"] == [
+        *job["warnings"],
+        "running on cpu (fp32): its trainer has no GPU",
+    ]
+    quick = api.submit(accelerator="cpu")
+    api.trainer(quick["id"], lambda j: j.claim(TRAINER, "cpu (fp32)", 80, 20))
+    assert api.status(quick["id"], "running")["warnings"] == []  # it asked for the CPU
+
+
 def test_get_job_has_job_metrics_and_websocket_url(api: Api) -> None:
     job = api.submit()
     detail = api.read(job["id"], lambda j: True)

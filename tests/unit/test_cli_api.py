@@ -132,6 +132,25 @@ def test_jobs_shows_numbers_and_times_for_people(monkeypatch: pytest.MonkeyPatch
     assert "2/10" in result.stdout and "2 jobs" in result.stdout
 
 
+def test_jobs_shows_a_running_jobs_live_progress_as_the_api_gives_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step, samples/s, ETA and device of `GET /jobs`; a name with markup stays as is."""
+    progress = {
+        "epoch": 2, "total_epochs": 10, "step": 37, "steps_per_epoch": 102, "loss": 0.41,
+        "samples_per_second": 0.76, "eta_seconds": 7385.0,
+        "reported_at": "2026-11-28T18:22:08+00:00",
+    }  # fmt: skip
+    running = {**JOB, "job_name": "[bold]x[/bold]", "status": "running", "progress": progress,
+               "device": "cpu (fp32)"}  # fmt: skip
+    answering(monkeypatch, lambda _: httpx.Response(200, json={"jobs": [running], "total": 1}))
+    monkeypatch.setattr(main, "console", Console(width=250))
+    result = runner.invoke(main.app, ["jobs"])
+    assert result.exit_code == 0, result.output
+    for shown in ("37/102", "0.76", "2h03m", "cpu (fp32)", "[bold]x[/bold]"):
+        assert shown in result.stdout, (shown, result.stdout)
+
+
 @pytest.mark.parametrize(
     ("status", "body", "words"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -529,3 +530,40 @@ def test_a_new_attempt_may_record_an_epoch_again_from_its_checkpoint() -> None:
     job.complete_epoch("trainer-2", 2, metrics(2), is_best=False)
     assert [kind(e) for e in job.collect_events()] == ["EpochCompleted"]
     assert job.current_epoch == 2
+
+
+def test_events_and_snapshots_stored_before_version_2_still_decode() -> None:
+    """`Submitted` gained the preflight's findings and `Resumed` the device: events and
+    snapshots stored without them (no `class_version`) decode with their defaults."""
+    from eventsourcing.application import Application
+
+    app = Application[Any]()
+    job = submitted()
+    job.claim(W, "cuda:0 (bf16)", 80, 20)
+    job.record_paused(W, 1, 0, "c")
+    job.request_resume(USER)
+    job.claim("trainer-2", "cpu (fp32)", 80, 20)
+    version_1 = []
+    for domain_event in job.collect_events():
+        stored = app.mapper.to_stored_event(domain_event)
+        state = app.mapper.transcoder.decode(stored.state)
+        assert state.pop("class_version", 1) == getattr(type(domain_event), "class_version", 1)
+        for added in ("parameter_count", "warnings", "device"):
+            if type(domain_event).__name__ in ("Submitted", "Resumed"):
+                state.pop(added, None)
+        version_1.append(dataclasses.replace(stored, state=app.mapper.transcoder.encode(state)))
+    replayed: Any = None
+    for stored in version_1:
+        replayed = app.mapper.to_domain_event(stored).mutate(replayed)
+    assert (replayed.parameter_count, replayed.warnings, replayed.status) == (None, [], RUNNING)
+    assert replayed.device == "cuda:0 (bf16)"  # an old `Resumed` keeps the last known device
+    snapshot = TrainingJob.Snapshot.take(replayed)
+    state = {k: v for k, v in snapshot.state.items() if k not in ("device", "class_version")}
+    old = TrainingJob.Snapshot(
+        originator_id=snapshot.originator_id,
+        originator_version=snapshot.originator_version,
+        timestamp=snapshot.timestamp,
+        topic=snapshot.topic,
+        state=state,
+    )
+    assert old.mutate(None).device is None

@@ -187,6 +187,7 @@ async def test_step_telemetry_is_throttled_and_never_blocks_the_training_thread(
     bus.subscribe_fanout(ALL_KEYS, hub.relay)
     watcher, clock = hub.subscribe(job), Clock()
     telemetry = StepTelemetry(bus, asyncio.get_running_loop(), job, "w1", clock=clock)
+    clock.now = 99.0  # the attempt starts a second before its first step ends
     telemetry.start(StartInfo("cpu", 80, 20, 0, total_epochs=2, steps_per_epoch=10))
 
     def train() -> None:  # on a thread, as the trainer runs it
@@ -200,8 +201,9 @@ async def test_step_telemetry_is_throttled_and_never_blocks_the_training_thread(
     await settle(bus)
     steps = [m["data"] for m in drain(watcher)]
     assert [s["step"] for s in steps] == [1, 4, 6]
-    assert steps[0]["eta_seconds"] is None
-    assert steps[1]["eta_seconds"] == pytest.approx((20 - 4) * 1.0 / 3, abs=0.1)
+    # An ETA from the first step on: steps left x seconds a step since the attempt began.
+    assert steps[0]["eta_seconds"] == pytest.approx((20 - 1) * 1.0 / 1, abs=0.1)
+    assert steps[1]["eta_seconds"] == pytest.approx((20 - 4) * 2.0 / 4, abs=0.1)
     assert steps[2] | {"loss": None} == {
         "epoch": 1,
         "total_epochs": 2,
@@ -209,7 +211,7 @@ async def test_step_telemetry_is_throttled_and_never_blocks_the_training_thread(
         "steps_per_epoch": 10,
         "loss": None,
         "samples_per_second": 8.0,
-        "eta_seconds": pytest.approx(14 * 2.0 / 5, abs=0.1),
+        "eta_seconds": pytest.approx(14 * 3.0 / 6, abs=0.1),
     }
 
 

@@ -139,3 +139,33 @@ def test_a_files_dataset_over_the_memory_bound_is_refused(tmp_path: Path) -> Non
     data = write_dataset(tmp_path / "rf", SMALL)
     error = refusal(files(data), max_dataset_bytes=1000)
     assert error.field == "dataset.path" and "1000" in error.message
+
+
+# What a job will cost: its parameters, and a warning where a CPU would take hours.
+
+SEED_EXAMPLE = {"model_architecture": "convnext_large", "epochs": 5, "batch_size": 16}
+
+
+def test_the_seed_example_is_warned_about_at_submit() -> None:
+    """convnext_large on 64x32 maps: 2.8 GFLOP a sample forward, 135 GFLOP a training step
+    of 16; at CPU_TRAINING_FLOPS that is about 20 s a step, 510 steps."""
+    estimate = preflight(config(**SEED_EXAMPLE))
+    assert 190e6 < estimate.parameter_count < 200e6
+    [warning] = estimate.warnings
+    assert warning.startswith("convnext_large (196 M parameters, 135 GFLOP a training step)")
+    assert "on a trainer without a GPU: expect about 19 s a step, 2.7 h for 510 steps" in warning
+    on_cpu = preflight(config(**SEED_EXAMPLE, accelerator="cpu")).warnings
+    assert len(on_cpu) == 1 and "on the CPU: expect about" in on_cpu[0]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # the default job: minutes on a CPU
+        {**SEED_EXAMPLE, "accelerator": "gpu"},  # no CPU will run it
+        {**SEED_EXAMPLE, "epochs": 1, "dataset": {"samples": 64}},  # 3 steps
+    ],
+)
+def test_a_job_that_is_quick_enough_is_not_warned_about(fields: dict[str, Any]) -> None:
+    estimate = preflight(config(**fields))
+    assert estimate.warnings == [] and estimate.parameter_count > 10**6

@@ -64,12 +64,12 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
-    await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
+    estimate = await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
     await run_in_threadpool(check_init_from, body.config, context.jobs)
     config = body.config.model_dump(mode="json")
     key = idempotency_key.strip() if idempotency_key else None  # HTTP trims header values
     accepted = await context.commands.submit(
-        body.job_name, body.description, config, actor, key or None
+        body.job_name, body.description, config, actor, key or None, estimate
     )
     return command_result(accepted, "job queued", 201)
 
@@ -84,7 +84,9 @@ def list_jobs(
 ) -> Response:
     """Jobs, newest first, optionally of one status."""
     rows, total = context.reads.list_jobs(status, limit, offset, include_archived)
-    return _json(JobList.model_validate({"jobs": [job_json(r) for r in rows], "total": total}))
+    return _json(
+        JobList.model_validate({"jobs": [context.job_view(r) for r in rows], "total": total})
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, dependencies=READ_AFTER)
@@ -97,7 +99,7 @@ def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetai
     scheme = "wss" if request.url.scheme == "https" else "ws"
     ws = f"{scheme}://{request.url.netloc}/ws/training/{job_id}"
     return JobDetail(
-        job=Job(**job_json(row)),
+        job=Job(**context.job_view(row)),
         recent_metrics=[MetricRow(**metric_json(m)) for m in recent],
         websocket_url=ws,
     )

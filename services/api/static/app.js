@@ -228,7 +228,8 @@ async function submitJob(event) {
   }
   try {
     const job = await api("/jobs", { method: "POST", json: { job_name: form.elements.job_name.value.trim(), config } });
-    showResult(result, `Submitted ${job.job_name} (${job.status})`, true);
+    const warned = (job.warnings || []).map((w) => `\nWarning: ${w}`).join("");
+    showResult(result, `Submitted ${job.job_name} (${job.status})${warned}`, true);
     await loadJobs();
     select(job.id);
   } catch (error) {
