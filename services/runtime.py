@@ -41,12 +41,15 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
 
 
 def warm_up_preflight() -> None:
-    """Import torch and timm and check the default model before serving: done on the first
-    submit instead, it holds the interpreter for seconds, long enough for the database
-    watch's probes to time out and requests to get false 503s."""
+    """Ask the model probes for timm's model names and check the default model before
+    serving, so that the first submit does not wait for a child process to import torch
+    (or, where torch is loaded, for the import to hold the interpreter long enough for the
+    database watch's probes to time out and requests to get false 503s)."""
     from services.api.preflight import preflight
-    from shared.config import JobConfig
+    from services.api.probes import PROBES
+    from shared.config import JobConfig, use_architecture_source
 
+    use_architecture_source(PROBES.architectures)
     preflight(JobConfig())
 
 

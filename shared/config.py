@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,10 +23,25 @@ from pydantic import (
     model_validator,
 )
 
+_ARCHITECTURE_SOURCE: list[Callable[[], frozenset[str]]] = []
+
+
+def use_architecture_source(source: Callable[[], frozenset[str]]) -> None:
+    """Take the model names from `source` from now on (the api asks its model probes'
+    child process, so that its own process never imports timm and torch)."""
+    _ARCHITECTURE_SOURCE[:] = [source]
+
+
+def known_architectures() -> frozenset[str]:
+    """Every model name timm can build (`timm.list_models()`), from the source set by
+    `use_architecture_source`, else from timm in this process (it pulls in torch)."""
+    if _ARCHITECTURE_SOURCE:
+        return _ARCHITECTURE_SOURCE[0]()
+    return _timm_architectures()
+
 
 @lru_cache(maxsize=1)
-def known_architectures() -> frozenset[str]:
-    """Every model name timm can build (imported lazily: timm pulls in torch)."""
+def _timm_architectures() -> frozenset[str]:
     import timm
 
     return frozenset(timm.list_models())

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from services.trainer.loop import steps_per_epoch
+from services.trainer.dataset import steps_per_epoch
 from shared.settings import Settings
 
 HEIMDALL = [sys.executable, "-m", "heimdall_cli.main"]
@@ -149,9 +149,10 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
 
 
 # A job slow enough to be caught mid-epoch on two shared cores: about 40 steps an epoch.
-LIVE_CONFIG = {
+LIVE_BATCH = 4
+LIVE_CONFIG: dict[str, Any] = {
     "epochs": 2,
-    "batch_size": 4,
+    "batch_size": LIVE_BATCH,
     "accelerator": "auto",
     "dataset": {"samples": 192, "n_mels": 16, "frames": 16},
 }
@@ -175,7 +176,7 @@ def assert_live_progress(client: httpx.Client, timeout: float = 120) -> None:
     live = row["progress"]
     events = client.get(f"{API}/jobs/{job_id}/events").json()["events"]
     started = next(e["data"] for e in events if e["kind"] == "Started")
-    steps = steps_per_epoch(started["train_size"], LIVE_CONFIG["batch_size"])
+    steps = steps_per_epoch(started["train_size"], LIVE_BATCH)
     assert live["steps_per_epoch"] == steps and steps > 20
     assert 1 <= live["step"] <= steps and live["epoch"] in (1, 2) and live["total_epochs"] == 2
     assert live["samples_per_second"] > 0 and live["eta_seconds"] is not None

@@ -13,31 +13,30 @@ answer warns of a job that will be slow where no GPU runs it (`Estimate`).
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
-from services.trainer.dataset import INPUTS_FILE, POSITIONS_FILE, RECEIVERS_FILE
+from services.api.probes import PROBES, ModelProbe
+from services.trainer.dataset import (
+    INPUTS_FILE,
+    POSITIONS_FILE,
+    RECEIVERS_FILE,
+    split_indices,
+    steps_per_epoch,
+)
 from shared.application import TrainingJobs
 from shared.config import Dataset, FilesDataset, JobConfig, SyntheticDataset
 from shared.domainmodel import InitFromError, TrainingJob
-
-if TYPE_CHECKING:
-    from services.trainer.model import Localiser
 
 MAX_DATASET_BYTES = 4 * 2**30
 MAX_DEVICES = 1
 FLOAT32_BYTES = 4
 FILES_PATH = "dataset.path"
-ANY_SIZE_MODELS = "convnext_atto or resnet18"
 Shape = tuple[int, int, int, int]  # samples, receivers, n_mels, frames
-# Loading real weights into a meta model copies nothing, by design; torch says so per tensor.
-META_COPY_WARNING = "for .*: copying from a non-meta parameter"
 DATASET: TypeAdapter[SyntheticDataset | FilesDataset] = TypeAdapter(Dataset)
 # A training step costs about three forward passes (the backward pass about two): Kaplan et
 # al. 2020, "Scaling Laws for Neural Language Models", §2.1.
@@ -47,17 +46,6 @@ TRAINING_FLOPS_PER_FORWARD = 3
 CPU_TRAINING_FLOPS = 7e9
 # A job whose CPU estimate exceeds this many seconds is flagged at submit.
 SLOW_JOB_SECONDS = 15 * 60
-
-
-@dataclass(frozen=True)
-class ModelProbe:
-    """What building the model and one forward pass found: `problem` (field, message) when
-    it cannot train on the inputs, else its trainable `parameters` and the FLOPs of one
-    sample's forward pass (`torch.utils.flop_counter`: matrix products and convolutions)."""
-
-    problem: tuple[str, str] | None
-    parameters: int = 0
-    forward_flops_per_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,7 +79,7 @@ def preflight(
     `batch_size` >= 2); `pretrained_path` holds weights that fit the model. Reads local
     files but writes nothing. Builds the model only for an architecture, shape and batch
     size not seen before (35-160 ms on a CPU; about a microsecond after, see
-    `probe_model`); a `pretrained_path` is read on every call. Blocking: call it from a
+    `services.api.probes`); a `pretrained_path` is read on every call. Blocking: call it from a
     worker thread in async code.
     """
     if config.devices > max_devices:
@@ -102,20 +90,21 @@ def preflight(
         )
     shape = dataset_shape(config.dataset)
     _check_memory(config.dataset, shape, max_dataset_bytes)
-    probe = probe_model(config.model_architecture, shape[1:], config.batch_size)
+    probe = PROBES.probe(config.model_architecture, shape[1:], config.batch_size)
     if probe.problem is not None:
         raise PreflightError(*probe.problem)
     if config.pretrained_path:
-        _check_weights(config, shape[1:])
+        problem = PROBES.weights_problem(
+            config.model_architecture, shape[1:], config.pretrained_path
+        )
+        if problem is not None:
+            raise PreflightError("pretrained_path", problem)
     return Estimate(probe.parameters, _cost_warnings(config, shape[0], probe))
 
 
 def _cost_warnings(config: JobConfig, samples: int, probe: ModelProbe) -> list[str]:
     """A warning when the job, trained on a CPU at `CPU_TRAINING_FLOPS`, would take longer
     than `SLOW_JOB_SECONDS`, unless the config asks for a GPU (then no CPU runs it)."""
-    from services.trainer.dataset import split_indices
-    from services.trainer.loop import steps_per_epoch
-
     if config.accelerator == "gpu":
         return []
     train, _ = split_indices(samples, config.validation_split, config.seed)
@@ -234,80 +223,3 @@ def _check_memory(dataset: SyntheticDataset | FilesDataset, shape: Shape, limit:
         f" {n_mels} x {frames} float32), over the {limit} bytes a trainer holds:"
         " use fewer samples or smaller maps",
     )
-
-
-@lru_cache(maxsize=512)
-def probe_model(architecture: str, maps: tuple[int, int, int], batch: int) -> ModelProbe:
-    """Whether `architecture` trains on `[batch, *maps]` inputs, its trainable parameters
-    and its forward FLOPs per sample (see `ModelProbe`).
-
-    Cached: the answer depends on nothing else (dropout and weights change no shape).
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    receivers, n_mels, frames = maps
-    try:
-        model = _meta_model(architecture, receivers, (n_mels, frames))
-        if batch == 1 and _uses_batch_norm(model):
-            problem = f"batch_size 1: {architecture} uses batch norm; use 2 or more"
-            return ModelProbe(("batch_size", problem))
-        counter = FlopCounterMode(display=False)
-        with torch.device("meta"), torch.no_grad(), counter:
-            model.train()
-            model(torch.zeros(batch, *maps))
-    except Exception as error:  # timm models fail in their own ways on shapes they refuse
-        return ModelProbe(("model_architecture", _cannot_take(architecture, maps, error)))
-    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ModelProbe(None, parameters, counter.get_total_flops() // batch)
-
-
-def _meta_model(architecture: str, in_chans: int, size: tuple[int, int]) -> Localiser:
-    """The trainer's model, built and probed on the `meta` device (no weights)."""
-    import torch
-
-    from services.trainer.model import build_model
-
-    with torch.device("meta"):
-        return build_model(JobConfig(model_architecture=architecture), in_chans, size)
-
-
-def _uses_batch_norm(model: Localiser) -> bool:
-    """Batch norm in training needs two values per channel or more; one sample may give one."""
-    from torch import nn
-
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-    return any(isinstance(module, norms) for module in model.modules())
-
-
-def _cannot_take(architecture: str, maps: tuple[int, int, int], error: Exception) -> str:
-    from timm.models import get_pretrained_cfg
-
-    _, n_mels, frames = maps
-    cfg = get_pretrained_cfg(architecture)
-    if cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size[1:]) != (n_mels, frames):
-        height, width = cfg.input_size[1:]
-        return (
-            f"{architecture} takes only {height}x{width} maps (a fixed input size) and this"
-            f" dataset's are {n_mels}x{frames} (n_mels x frames): make them {height}x{width}"
-            f" (dataset.n_mels: {height}, dataset.frames: {width}) or choose a model that"
-            f" takes any size, such as {ANY_SIZE_MODELS}"
-        )
-    reason = (str(error).splitlines() or [""])[0] or type(error).__name__
-    if reason.startswith(f"model {architecture} "):  # the trainer's probe names model and shape
-        return reason
-    shape = f"{list(maps)} (receivers, n_mels, frames)"
-    return f"{architecture} cannot take inputs of {shape}: {reason}"
-
-
-def _check_weights(config: JobConfig, maps: tuple[int, int, int]) -> None:
-    """`pretrained_path` is a state_dict the trainer can load into this model."""
-    from services.trainer.model import load_backbone_weights
-
-    model = _meta_model(config.model_architecture, maps[0], maps[1:])
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", META_COPY_WARNING, UserWarning)
-            load_backbone_weights(model.backbone, Path(str(config.pretrained_path)))
-    except ValueError as error:
-        raise PreflightError("pretrained_path", str(error)) from error

@@ -201,6 +201,12 @@ def load_dataset(cfg: SyntheticDataset | FilesDataset) -> RFData:
     return synthesise(cfg)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Training steps an epoch over `n` samples takes: full batches only (the last partial
+    batch is dropped), and one batch of all when `n` < `batch_size`."""
+    return n // min(batch_size, n)
+
+
 def split_indices(
     n: int, validation_split: float, seed: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:

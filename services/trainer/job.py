@@ -34,7 +34,7 @@ from services.trainer.control import (
     StepInfo,
     TrainingHooks,
 )
-from services.trainer.dataset import RFData, load_dataset, split_indices
+from services.trainer.dataset import RFData, load_dataset, split_indices, steps_per_epoch
 from services.trainer.export import export_at_completion
 from services.trainer.feed import place
 from services.trainer.loop import (
@@ -47,7 +47,6 @@ from services.trainer.loop import (
     epoch_batches,
     epoch_train_metrics,
     resolve_runtime,
-    steps_per_epoch,
     train_one_epoch,
     validate,
 )

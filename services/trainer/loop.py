@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from services.trainer.dataset import steps_per_epoch
 from services.trainer.feed import Batch, feed
 from services.trainer.model import CALIBRATION_SHARE, gaussian_nll, inside_68, split_output
 from services.trainer.schedule import LrSchedule
@@ -223,10 +224,6 @@ class EpochPlan:
     epoch: int
     batches: list[Tensor]
     first_step: int = 0
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // min(batch_size, n)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:

@@ -107,6 +107,12 @@ def test_a_running_jobs_row_carries_its_live_progress(cluster: Cluster) -> None:
     cluster.trainer("t1")
     assert_live_progress(cluster.client)
     assert_replay_equals_live(cluster.settings)  # the live-only part is no part of replay
+    api = cluster.services["api"].process
+    assert api is not None  # it checked the models it was sent, without loading torch:
+    assert "libtorch" not in Path(f"/proc/{api.pid}/maps").read_text()
+    status = Path(f"/proc/{api.pid}/status").read_text()
+    rss_mb = next(int(line.split()[1]) for line in status.splitlines() if "VmRSS" in line) / 1024
+    assert rss_mb < 300, rss_mb
 
 
 def assert_replay_equals_live(settings: Settings) -> None:

@@ -180,8 +180,7 @@ def test_submit_returns_201_with_the_job(api: Api) -> None:
 def test_the_seed_example_answers_what_it_will_cost(api: Api) -> None:
     """The 201 and the row carry the parameter count and the submit's warning; from the
     claim on, a job that asked for any device but got a CPU says so too."""
-    seed = {"model_architecture": "convnext_large", "epochs": 5, "batch_size": 16}
-    job = api.submit(**seed)
+    job = api.submit(model_architecture="convnext_large", epochs=5, batch_size=16)
     assert 190e6 < job["parameter_count"] < 200e6
     assert len(job["warnings"]) == 1 and "on a trainer without a GPU" in job["warnings"][0]
     assert api.read(job["id"], lambda j: True)["job"]["warnings"] == job["warnings"]

@@ -554,7 +554,7 @@ def test_events_and_snapshots_stored_before_version_2_still_decode() -> None:
         version_1.append(dataclasses.replace(stored, state=app.mapper.transcoder.encode(state)))
     replayed: Any = None
     for stored in version_1:
-        replayed = app.mapper.to_domain_event(stored).mutate(replayed)
+        replayed = app.mapper.to_domain_event(stored).mutate(replayed)  # type: ignore[attr-defined]
     assert (replayed.parameter_count, replayed.warnings, replayed.status) == (None, [], RUNNING)
     assert replayed.device == "cuda:0 (bf16)"  # an old `Resumed` keeps the last known device
     snapshot = TrainingJob.Snapshot.take(replayed)
@@ -566,4 +566,4 @@ def test_events_and_snapshots_stored_before_version_2_still_decode() -> None:
         topic=snapshot.topic,
         state=state,
     )
-    assert old.mutate(None).device is None
+    assert old.mutate(None).device is None  # type: ignore[attr-defined]

@@ -1,0 +1,52 @@
+"""The api's model probes run in a short-lived child: its own process never loads torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+# Run in a fresh interpreter: this test process has torch loaded already.
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from services.api.probes import ModelProbes
+
+    probes = ModelProbes(idle_seconds=0.5)
+    first = probes.probe("convnext_atto", (7, 16, 16), 4)
+    again = probes.probe("convnext_atto", (7, 16, 16), 4)
+    refused = probes.probe("resnet18", (7, 16, 16), 1)  # batch norm needs 2
+    names = probes.architectures()
+    torch_here = "torch" in sys.modules
+    deadline = time.monotonic() + 20
+    while probes.child_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    retired = not probes.child_running
+    probes.probe("resnet18", (7, 16, 16), 4)  # a new child
+    for pid in list(probes._pool._processes):  # the child dies between two questions
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    after_kill = probes.probe("resnet18", (1, 8, 8), 2)
+    print(json.dumps({
+        "parameters": first.parameters, "flops": first.forward_flops_per_sample,
+        "same": again == first, "refused": refused.problem, "names": len(names),
+        "torch_here": torch_here or "torch" in sys.modules, "retired": retired,
+        "after_kill": after_kill.problem is None and after_kill.parameters > 0,
+        "children": probes.children_started,
+    }))
+    """
+)
+
+
+def test_probes_answer_from_a_child_that_retires_and_is_replaced() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["torch_here"] is False  # the asking process never imported torch
+    assert found["parameters"] > 10**6 and found["flops"] > 0 and found["same"] is True
+    assert found["refused"][0] == "batch_size"
+    assert found["names"] > 1000 and found["retired"] is True
+    assert found["after_kill"] is True and found["children"] >= 3
