@@ -11,12 +11,15 @@ pool, the api's newest-first query and count for GET, one insert and commit for 
 It reports p50/p99 of GET and POST and requests served per second on each side, and
 their ratios (goals: GET p99 <= 1.5x, POST p99 <= 2.5x, served >= 0.9x). During the
 api's rounds it also samples the projector's lag: for each store position, the time from
-its appearance in the store to its projection (polled every 5 ms).
+its appearance in the store to its projection (polled every 5 ms). On a shared machine
+the servers' CPU milliseconds per answered request (api and projector together, against
+the bare app) say more than the latencies, which follow whatever else runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import time
@@ -142,8 +145,20 @@ async def api_round(
     return samples, took, await lag
 
 
-def summary(samples: list[Sample], seconds: float) -> Result:
-    """Latencies of the answered requests, and how many were answered per second."""
+def cpu_seconds(*processes: Process) -> float:
+    """User plus system CPU seconds the processes have used (`/proc/PID/stat`)."""
+    total = 0.0
+    for process in processes:
+        if process.popen is None:
+            continue
+        fields = Path(f"/proc/{process.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def summary(samples: list[Sample], seconds: float, cpu: float) -> Result:
+    """Latencies of the answered requests, how many were answered per second, and the
+    server's CPU milliseconds per answered request."""
     served = [s for s in samples if s.status in (200, 201)]
     gets = [s.seconds for s in served if s.kind == "get"]
     posts = [s.seconds for s in served if s.kind == "post"]
@@ -152,6 +167,7 @@ def summary(samples: list[Sample], seconds: float) -> Result:
         "offered": len(samples),
         "served_per_s": len(served) / seconds,
         "failed": failed,
+        "cpu_ms_per_request": 1000 * cpu / max(len(served), 1),
         "get": latency_summary(gets),
         "post": latency_summary(posts),
     }
@@ -189,26 +205,30 @@ def main(
                     try:
                         base = f"http://127.0.0.1:{api_port}"
                         wait_http(f"{base}/health", 120)
+                        before = cpu_seconds(server, projector)
                         samples, took, lag = asyncio.run(
                             api_round(base, schema, rate, seconds, clients, seed=r)
                         )
+                        cpu = cpu_seconds(server, projector) - before
                     finally:
                         peaks += [p for p in (server.stop(),) if p is not None]
                         projector.stop()
                     lags += lag
-                    sides["api"].append(summary(samples, took))
+                    sides["api"].append(summary(samples, took, cpu))
                 else:
                     baseline = Process("bare", bare_argv, env, log_dir).start()
                     try:
                         base = f"http://127.0.0.1:{bare_port}"
                         wait_http(f"{base}/health", 60)
                         paths = {"get": "/bare/jobs?limit=20", "post": "/bare/jobs"}
+                        before = cpu_seconds(baseline)
                         samples, took = asyncio.run(
                             offer(base, paths, rate, seconds, clients, seed=r)
                         )
+                        cpu = cpu_seconds(baseline) - before
                     finally:
                         baseline.stop()
-                    sides["bare"].append(summary(samples, took))
+                    sides["bare"].append(summary(samples, took, cpu))
                 last = sides[side][-1]
                 print(
                     f"round {r + 1} {side}: served {last['served_per_s']:.0f}/s, GET p99"
@@ -240,6 +260,7 @@ def _pooled(rounds: list[Result]) -> Result:
     return {
         "served_per_s": median([r["served_per_s"] for r in rounds]),
         "failed": sum(r["failed"] for r in rounds),
+        "cpu_ms_per_request": median([r["cpu_ms_per_request"] for r in rounds]),
         "get_p50_ms": median([r["get"]["p50_ms"] for r in rounds]),
         "get_p99_ms": median([r["get"]["p99_ms"] for r in rounds]),
         "post_p50_ms": median([r["post"]["p50_ms"] for r in rounds]),

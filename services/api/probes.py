@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -64,15 +64,35 @@ class ModelProbes:
         self._busy = 0
         self._retire: threading.Timer | None = None
         self._probes: dict[tuple[str, Maps, int], ModelProbe] = {}
+        self._pending: dict[tuple[str, Maps, int], Future[ModelProbe]] = {}
         self._names: frozenset[str] | None = None
         self.children_started = 0
 
     def probe(self, architecture: str, maps: Maps, batch: int) -> ModelProbe:
-        """`probe_model`'s answer, kept for good."""
+        """`probe_model`'s answer, kept for good. Callers asking the same question at once
+        share one answer: a burst of submits of a new model costs one probe, not one each."""
         key = (architecture, maps, batch)
-        found = self._probes.get(key)
-        if found is None:
-            found = self._probes[key] = self._ask(probe_model, architecture, maps, batch)
+        with self._lock:
+            found = self._probes.get(key)
+            if found is not None:
+                return found
+            pending = self._pending.get(key)
+            asking = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not asking:
+            return pending.result()
+        try:
+            found = self._ask(probe_model, architecture, maps, batch)
+        except BaseException as error:
+            with self._lock:
+                self._pending.pop(key, None)
+            pending.set_exception(error)
+            raise
+        with self._lock:
+            self._probes[key] = found
+            self._pending.pop(key, None)
+        pending.set_result(found)
         return found
 
     def architectures(self) -> frozenset[str]:

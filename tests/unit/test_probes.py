@@ -6,6 +6,15 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from services.api import probes
+from services.api.probes import ModelProbe, ModelProbes
 
 # Run in a fresh interpreter: this test process has torch loaded already.
 SCRIPT = textwrap.dedent(
@@ -50,3 +59,26 @@ def test_probes_answer_from_a_child_that_retires_and_is_replaced() -> None:
     assert found["refused"][0] == "batch_size"
     assert found["names"] > 1000 and found["retired"] is True
     assert found["after_kill"] is True and found["children"] >= 3
+
+
+def test_the_same_question_asked_at_once_is_probed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of submits of a model not seen yet waits for one probe, not one each (they
+    queued behind each other in the one child: 40 submits took 6 s)."""
+    calls: list[tuple[Any, ...]] = []
+    gate = threading.Event()
+
+    def slow_probe(*args: Any) -> ModelProbe:
+        calls.append(args)
+        gate.wait(5)
+        return ModelProbe(None, 7, 11)
+
+    monkeypatch.setattr(probes, "probe_model", slow_probe)
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch", probes))  # ask in place
+    asking = ModelProbes()
+    with ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(asking.probe, "resnet18", (7, 16, 16), 4) for _ in range(8)]
+        time.sleep(0.3)
+        gate.set()
+        found = {a.result(timeout=10) for a in answers}
+    assert found == {ModelProbe(None, 7, 11)} and len(calls) == 1
+    assert asking.probe("resnet18", (7, 16, 16), 4) == ModelProbe(None, 7, 11) and len(calls) == 1
