@@ -65,6 +65,7 @@ class PostgresReadStore(ReadStore):
                 "options": f"-c search_path={schema}",
                 "connect_timeout": 2,
                 "row_factory": dict_row,
+                "autocommit": True,  # a read is one round trip; transaction() says BEGIN
             },
             open=True,
         )
@@ -72,6 +73,12 @@ class PostgresReadStore(ReadStore):
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+            yield _PostgresTx(cursor)
+
+    @contextmanager
+    def reading(self) -> Iterator[Tx]:
+        """Statements on an autocommit connection: one round trip each."""
+        with self.pool.connection() as conn, conn.cursor() as cursor:
             yield _PostgresTx(cursor)
 
     def close(self) -> None:

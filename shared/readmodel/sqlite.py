@@ -51,6 +51,18 @@ class SQLiteReadStore(ReadStore):
         return conn
 
     @contextmanager
+    def reading(self) -> Iterator[Tx]:
+        """A deferred transaction: in WAL mode a consistent snapshot that neither waits for
+        nor blocks a writer (`transaction()` takes the write lock at once)."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN DEFERRED")
+            yield _SQLiteTx(conn)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """A write transaction; "database is locked" after `LOCK_WAIT_SECONDS` of waiting
         for another writer (the api answers that with 503)."""

@@ -57,6 +57,13 @@ class ReadStore(ABC):
     def transaction(self) -> Iterator[Tx]:
         """A transaction committed on success and rolled back on error."""
 
+    @contextmanager
+    def reading(self) -> Iterator[Tx]:
+        """Reads only: no write lock, and on PostgreSQL no BEGIN and COMMIT round trips
+        (each statement sees the latest commit). Here, a transaction."""
+        with self.transaction() as tx:
+            yield tx
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -90,7 +97,7 @@ class ReadStore(ABC):
         if not include_archived:
             where.append("archived = 0")
         clause = " AND ".join(where)
-        with self.transaction() as tx:
+        with self.reading() as tx:
             total = tx.fetchall(f"SELECT COUNT(*) AS n FROM training_jobs WHERE {clause}", params)
             rows = tx.fetchall(
                 f"SELECT * FROM training_jobs WHERE {clause}"
@@ -100,13 +107,13 @@ class ReadStore(ABC):
         return rows, int(total[0]["n"])
 
     def get_job(self, job_id: str) -> Row | None:
-        with self.transaction() as tx:
+        with self.reading() as tx:
             rows = tx.fetchall("SELECT * FROM training_jobs WHERE id = ?", [job_id])
         return rows[0] if rows else None
 
     def queued_job_ids(self, limit: int = 20) -> list[str]:
         """Runnable jobs, oldest first: what a free trainer looks at besides its queue."""
-        with self.transaction() as tx:
+        with self.reading() as tx:
             rows = tx.fetchall(
                 "SELECT id FROM training_jobs WHERE status = 'queued'"
                 " ORDER BY created_at, id LIMIT ?",
@@ -117,26 +124,26 @@ class ReadStore(ABC):
     def metrics(self, job_id: str, limit: int | None = None, latest: bool = False) -> list[Row]:
         """Per-epoch rows ascending; with `latest`, the last `limit` of them."""
         sql, params = _metrics_query(job_id, limit, "DESC" if latest else "ASC")
-        with self.transaction() as tx:
+        with self.reading() as tx:
             rows = tx.fetchall(sql, params)
         return rows[::-1] if latest else rows
 
     def job_metrics(self, job_id: str, limit: int | None = None) -> list[Row] | None:
-        """A job's per-epoch rows ascending, in one transaction; None if no such job row."""
+        """A job's per-epoch rows ascending; None if no such job row."""
         sql, params = _metrics_query(job_id, limit, "ASC")
-        with self.transaction() as tx:
+        with self.reading() as tx:
             if not tx.fetchall("SELECT 1 AS found FROM training_jobs WHERE id = ?", [job_id]):
                 return None
             return tx.fetchall(sql, params)
 
     def count_by_status(self) -> dict[str, int]:
         """How many jobs the read table holds in each status (archived ones included)."""
-        with self.transaction() as tx:
+        with self.reading() as tx:
             rows = tx.fetchall("SELECT status, COUNT(*) AS n FROM training_jobs GROUP BY status")
         return {str(r["status"]): int(r["n"]) for r in rows}
 
     def positions(self) -> dict[str, int]:
-        with self.transaction() as tx:
+        with self.reading() as tx:
             rows = tx.fetchall("SELECT name, position FROM projector_positions")
         return {str(r["name"]): int(r["position"]) for r in rows}
 
@@ -160,7 +167,7 @@ class ReadStore(ABC):
 
     def faults(self) -> list[Row]:
         """What the projector is stuck on: stage, position, error, since, attempts."""
-        with self.transaction() as tx:
+        with self.reading() as tx:
             return tx.fetchall("SELECT * FROM projector_faults ORDER BY stage")
 
     def record_published(self, position: int) -> None:

@@ -103,6 +103,14 @@ def test_a_locked_sqlite_read_store_is_a_503_not_a_500(
         monkeypatch.setattr(read_sqlite, "LOCK_WAIT_SECONDS", 0.2)
         holder = sqlite3.connect(sqlite_settings.data_dir / "read.sqlite", isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # another process writing, for longer than the wait
+        try:  # a read neither waits for a writer nor blocks one (WAL, deferred)
+            assert client.get(f"{API}/jobs").status_code == 200
+        finally:
+            holder.execute("ROLLBACK")
+        # A process that keeps the file to itself (exclusive locking mode) locks readers out.
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE projector_positions SET position = position")
         try:
             response = client.get(f"{API}/jobs")
         finally:
