@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from heimdall_cli import bundle
 from heimdall_cli.client import (
@@ -240,17 +240,19 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
     with _api_call():
         page = _client().jobs(status, limit)
     table = Table(
-        "id", "name", "status", "epoch", "step", "samples/s", "ETA", "val loss", "model",
+        "name", "status", "epoch", "step", "samples/s", "ETA", "val loss", "model",
         "device", "created (UTC)",
     )  # fmt: skip
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))  # others use it whole
     for job in page["jobs"]:
         live = job.get("progress") or {}
         step = f"{live['step']}/{live['steps_per_epoch']}" if live else "-"
+        epoch = live.get("epoch", job["current_epoch"])  # the one being trained, if any
         table.add_row(
             job["id"],
             escape(job["job_name"]),
             job["status"],
-            f"{job['current_epoch']}/{job['total_epochs']}",
+            f"{epoch}/{job['total_epochs']}",
             step,
             _shown(live.get("samples_per_second")),
             duration(live.get("eta_seconds")),
@@ -260,7 +262,7 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
             _when(job.get("created_at")),
         )
     console.print(table)
-    console.print(f"{page['total']} jobs")
+    console.print(f"{len(page['jobs'])} of {page['total']} jobs")
 
 
 @app.command()
@@ -390,14 +392,13 @@ def train(
         _refuse(f"--artifacts {artifacts}: exists and is not a directory")
     try:
         preflight(load_job_config(config))
-        outcome = train_from_file(config, artifacts, console, resume_from=resume)
+        train_from_file(config, artifacts, console, resume_from=resume)  # its last line says how
     except ConfigFileError as error:
         _refuse("; ".join(line.strip() for line in str(error).splitlines()))
     except PreflightError as error:
         _refuse(f"{config}: {error.message}")
     except CheckpointError as error:
         _refuse(f"--resume {str(error).splitlines()[0]}")
-    console.print(f"{outcome.kind} after {outcome.epoch} epochs; model: {outcome.model_uri}")
 
 
 @dataset_app.command("make")

@@ -59,9 +59,16 @@ class Watcher:
         self.last: int | None = None
         self.received = 0
         self.status = "?"
-        self.name, self.epochs, self.epoch = job_id, 0, 0
+        self.name, self.epochs, self.epoch = job_id, 0, 0.0
+        self.running_epoch = 0  # the epoch shown: the one being trained, else the last one
         self.final: dict[str, Any] = {}
-        self.fields: dict[str, Any] = {"step": "-", "loss": "-", "p50": "-", "eta": "-"}
+        self.fields: dict[str, Any] = {
+            "step": "-",
+            "loss": "-",
+            "speed": "-",
+            "p50": "-",
+            "eta": "-",
+        }
         self.task: TaskID = progress.add_task(job_id, total=None, **self.fields)
 
     def handle(self, message: dict[str, Any]) -> None:
@@ -80,6 +87,8 @@ class Watcher:
         if event != "training_status" and isinstance(message.get("position"), int):
             self.status = message.get("status", self.status)  # as the domain computed it
             self._ending(event, message.get("data") or {})
+        if self.outcome() is not None:
+            self._ended()
         self._show()
 
     def _ending(self, event: str, data: dict[str, Any]) -> None:
@@ -91,9 +100,17 @@ class Watcher:
         elif self.status == "failed":  # the last attempt's trainer was lost
             self.final = {"error": f"WorkerLost: attempt {data.get('attempt')} lost"}
 
+    def _ended(self) -> None:
+        """The final state: no step in flight, nothing left to wait for; a completed job's
+        bar is full."""
+        self.fields.update(step="-", speed="-", eta="-")
+        if self.status == "completed":
+            self.epoch = self.running_epoch = self.epochs
+
     def _status(self, job: dict[str, Any]) -> None:
         self.name, self.status = job["job_name"], job["status"]
         self.epochs, self.epoch = job["total_epochs"], job["current_epoch"]
+        self.running_epoch = job["current_epoch"]
         self.final = {"error": job.get("error_message"), "model_uri": job.get("model_path")}
         self.fields["loss"] = _number(job.get("val_loss"), ".4f")
         if job.get("progress"):  # a running job: where its trainer last said it was
@@ -102,13 +119,16 @@ class Watcher:
     def _step(self, data: dict[str, Any]) -> None:
         self.epochs = data.get("total_epochs") or self.epochs
         self.epoch = data["epoch"] - 1 + data["step"] / max(data["steps_per_epoch"], 1)
+        self.running_epoch = data["epoch"]
         self.fields["step"] = f"{data['step']}/{data['steps_per_epoch']}"
         self.fields["loss"] = _number(data.get("loss"), ".4f")
+        self.fields["speed"] = _number(data.get("samples_per_second"), ".3g")
         self.fields["eta"] = duration(data.get("eta_seconds"))
 
     def _epoch(self, data: dict[str, Any]) -> None:
         metrics = data.get("metrics", {})
         self.epochs, self.epoch = data.get("total_epochs") or self.epochs, data["epoch"]
+        self.running_epoch = data["epoch"]
         self.fields["p50"] = f"{_number(metrics.get('val_distance_p50_m'), '.0f')} m"
         self.progress.console.print(
             f"epoch {data['epoch']}/{self.epochs}: "
@@ -119,7 +139,9 @@ class Watcher:
         )
 
     def _show(self) -> None:
-        description = f"{escape(self.name)} ({self.status}) epoch {int(self.epoch)}/{self.epochs}"
+        description = (
+            f"{escape(self.name)} ({self.status}) epoch {self.running_epoch}/{self.epochs}"
+        )
         total = self.epochs or None
         self.progress.update(
             self.task, description=description, total=total, completed=self.epoch, **self.fields
@@ -134,7 +156,7 @@ class Watcher:
             return f"job {self.job_id} completed; model: {self.final.get('model_uri')}"
         if self.status == "failed":
             return f"job {self.job_id} failed: {self.final.get('error')}"
-        return f"job {self.job_id} was cancelled at epoch {int(self.epoch)}"
+        return f"job {self.job_id} was cancelled at epoch {self.running_epoch}"
 
 
 async def follow(watcher: Watcher, api_url: str) -> int | None:
@@ -164,6 +186,7 @@ async def watch(job_id: str, api_url: str, console: Console) -> int:
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("step {task.fields[step]}  loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} samples/s"),
         TextColumn("p50 {task.fields[p50]}  ETA {task.fields[eta]}"),
     )
     with Progress(*columns, console=console) as progress:

@@ -122,6 +122,7 @@ def serve_embedded(settings: Settings) -> None:
     trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
     background.append(trainer.run_forever)
     log.info("embedded run: store and read tables under %s", settings.data_dir.resolve())
+    log.info("trainer %s ready on %s", settings.worker_name, device_summary())
     serve_http(create_app(context, background), settings)
 
 

@@ -119,8 +119,9 @@ class JobConfig(_Strict):
         1,
         ge=0,
         le=1000,
-        description="epochs over which the learning rate ramps up linearly from near 0; 1"
-        " keeps a big model from scratch stable in its first steps (README: a stable start)",
+        description="epochs over which the learning rate ramps up linearly from near 0, at"
+        " most half the job; 1 keeps a big model from scratch stable in its first steps"
+        " (README: a stable start)",
     )
     early_stop_patience: int = Field(0, ge=0, le=5000, description="0 turns it off")
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -13,8 +13,9 @@ STEP_DECAY, PLATEAU_DECAY, PLATEAU_PATIENCE, PLATEAU_FLOOR = 0.1, 0.5, 2, 1e-3
 class LrSchedule:
     """cosine (to 0), step (x0.1 at each third of training), plateau (x0.5), none.
 
-    Warmup ramps linearly over `warmup_epochs`; plateau then halves the rate when the
-    monitored loss has not improved for PLATEAU_PATIENCE epochs.
+    Warmup ramps linearly over `warmup_epochs` (at most half the job's steps); plateau
+    then halves the rate when the monitored loss has not improved for PLATEAU_PATIENCE
+    epochs.
     """
 
     def __init__(
@@ -22,7 +23,9 @@ class LrSchedule:
     ) -> None:
         self.kind, self.base_lr = kind, base_lr
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.warmup_steps = min(warmup_epochs, epochs) * steps_per_epoch
+        # At most half the job warms up, so that every schedule still decays (a 1-epoch job
+        # with the default warmup_epochs 1 would otherwise end at its peak rate).
+        self.warmup_steps = min(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch // 2)
         self.plateau_factor, self.best, self.bad_epochs = 1.0, math.inf, 0
 
     def lr_at(self, epoch: int, step: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -11,10 +12,20 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from services.trainer.control import Checkpoint, Control, Metrics, Outcome, StartInfo, StepInfo
 from services.trainer.job import run_training
 from shared.config import JobConfig
+
+LOSS_SECONDS = 1.0  # how often the bar reads a step's loss
 
 
 class ConfigFileError(ValueError):
@@ -40,11 +51,24 @@ def load_job_config(path: Path) -> JobConfig:
 
 
 class ConsoleHooks:
-    """Prints progress; Ctrl+C asks for a pause at the next step (a second one cancels)."""
+    """Prints progress: a bar over each epoch's steps (on a terminal), each epoch's metrics
+    once. Ctrl+C asks for a pause at the next step (a second one cancels)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.interrupts = 0
+        self.total_epochs = 0
+        self.bar = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task: TaskID | None = None
+        self._next_loss, self._loss = 0.0, "-"
 
     def interrupt(self, signum: int, frame: FrameType | None) -> None:
         self.interrupts += 1
@@ -56,8 +80,21 @@ class ConsoleHooks:
             f"{info.steps_per_epoch} steps per epoch, epochs {info.resumed_from_epoch + 1}"
             f"..{info.total_epochs}"
         )
+        self.total_epochs = info.total_epochs
+        epoch = f"{info.resumed_from_epoch + 1}/{info.total_epochs}"
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=info.steps_per_epoch, epoch=epoch, loss="-")
 
     def check(self, step: StepInfo) -> Control:
+        if self.task is not None:
+            now = time.monotonic()
+            if now >= self._next_loss:  # the loss read waits for a GPU: once a second
+                self._loss, self._next_loss = _fmt(step.loss), now + LOSS_SECONDS
+            epoch = f"{step.epoch}/{self.total_epochs}"
+            self.bar.update(
+                self.task, completed=step.step, total=step.steps_per_epoch, epoch=epoch,
+                loss=self._loss,
+            )  # fmt: skip
         if self.interrupts == 0:
             return Control.CONTINUE
         return Control.PAUSE if self.interrupts == 1 else Control.CANCEL
@@ -67,9 +104,16 @@ class ConsoleHooks:
         star = " [green]*best*[/]" if is_best else ""
         self.console.print(f"[bold]epoch {metrics['epoch']}[/]{star} {shown}")
         self.on_checkpoint(checkpoint.epoch, checkpoint.uri, checkpoint.sha256)
+        if self.task is not None:
+            epoch = f"{int(metrics['epoch'] or 0) + 1}/{self.total_epochs}"
+            self.bar.reset(self.task, epoch=epoch, loss=self._loss)  # reset replaces fields
 
     def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
         self.console.print(f"  checkpoint {uri} (sha256 {sha256[:12]})", style="dim")
+
+    def close(self) -> None:
+        """Take the bar away (it is drawn only on a terminal)."""
+        self.bar.stop()
 
 
 def _fmt(value: float | int | None) -> str:
@@ -93,6 +137,7 @@ def train_from_file(
     try:
         outcome = run_training(config, artifacts_dir, hooks, resume_from)
     finally:
+        hooks.close()
         if in_main:
             signal.signal(signal.SIGINT, previous or signal.default_int_handler)
     console.print(

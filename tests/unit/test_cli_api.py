@@ -141,14 +141,17 @@ def test_jobs_shows_a_running_jobs_live_progress_as_the_api_gives_it(
         "samples_per_second": 0.76, "eta_seconds": 7385.0,
         "reported_at": "2026-11-28T18:22:08+00:00",
     }  # fmt: skip
-    running = {**JOB, "job_name": "[bold]x[/bold]", "status": "running", "progress": progress,
+    running = {**JOB, "job_name": "[bold]x[/bold]", "current_epoch": 1, "progress": progress,
                "device": "cpu (fp32)"}  # fmt: skip
     answering(monkeypatch, lambda _: httpx.Response(200, json={"jobs": [running], "total": 1}))
     monkeypatch.setattr(main, "console", Console(width=250))
     result = runner.invoke(main.app, ["jobs"])
     assert result.exit_code == 0, result.output
-    for shown in ("37/102", "0.76", "2h03m", "cpu (fp32)", "[bold]x[/bold]"):
-        assert shown in result.stdout, (shown, result.stdout)
+    for shown in ("37/102", "0.76", "2h03m", "cpu (fp32)", "[bold]x[/bold]", "2/10"):
+        assert shown in result.stdout, (shown, result.stdout)  # epoch 2 runs: not 1/10
+    monkeypatch.setattr(main, "console", Console(width=80))
+    narrow = runner.invoke(main.app, ["jobs"])
+    assert JOB_ID in narrow.stdout and "1 of 1 jobs" in narrow.stdout, narrow.stdout
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,24 @@ def test_a_job_that_had_already_ended_is_known_from_its_status(final: str, code:
         watcher = Watcher(JOB, progress)
         watcher.handle(status(status=final))
     assert watcher.outcome() == code
+
+
+def test_the_bar_names_the_running_epoch_and_ends_on_the_final_state() -> None:
+    """During epoch 2 (one epoch recorded) the bar says epoch 2, with samples/s; after the
+    end it holds no stale step or ETA, and a completed job's bar is full."""
+    with Progress(console=Console(quiet=True)) as progress:
+        watcher = Watcher(JOB, progress)
+        watcher.handle(status())
+        step = {"epoch": 2, "step": 9, "steps_per_epoch": 12, "loss": 0.25, "eta_seconds": 3}
+        watcher.handle(
+            {"event": "training_step", "job_id": JOB, "data": step | {"samples_per_second": 0.76}}
+        )
+        task = progress.tasks[0]
+        assert "epoch 2/3" in task.description and watcher.fields["speed"] == "0.76"
+        done = {"model_uri": "m.pt"}
+        watcher.handle(
+            {"event": "training_completed", "position": 20, "status": "completed", "data": done}
+        )
+        task = progress.tasks[0]
+    assert "(completed) epoch 3/3" in task.description and task.completed == task.total == 3
+    assert (watcher.fields["step"], watcher.fields["eta"], watcher.fields["speed"]) == ("-",) * 3

@@ -9,7 +9,14 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import current_client
-from services.api.deps import ActorDep, ContextDep, JobIdDep, read_after, require_database
+from services.api.deps import (
+    ActorDep,
+    ApiContext,
+    ContextDep,
+    JobIdDep,
+    read_after,
+    require_database,
+)
 from services.api.freshness import POSITION_HEADER
 from services.api.preflight import check_init_from, preflight
 from services.api.schemas import (
@@ -23,7 +30,7 @@ from services.api.schemas import (
 )
 from shared.application import Accepted, JobNotFoundError
 from shared.domainmodel import STATUSES
-from shared.views import job_json, job_row, metric_json
+from shared.views import job_row, metric_json
 
 router = APIRouter(
     prefix="/api/v1/training",
@@ -46,10 +53,13 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code, media_type=JSON)
 
 
-def command_result(accepted: Accepted, message: str, status_code: int = 202) -> Response:
-    """The job after the command, with the command's position in the body and a header."""
+def command_result(
+    context: ApiContext, accepted: Accepted, message: str, status_code: int = 202
+) -> Response:
+    """The job after the command (with its live progress when it runs), with the command's
+    position in the body and a header."""
     job = accepted.job
-    view = job_json(job_row(job, position=accepted.position))
+    view = context.job_view(job_row(job, position=accepted.position))
     result = CommandResult(**view, job_id=str(job.id), message=message, position=accepted.position)
     response = _json(result, status_code)
     response.headers[POSITION_HEADER] = str(accepted.position)
@@ -71,7 +81,7 @@ async def submit_job(
     accepted = await context.commands.submit(
         body.job_name, body.description, config, actor, key or None, estimate
     )
-    return command_result(accepted, "job queued", 201)
+    return command_result(context, accepted, "job queued", 201)
 
 
 @router.get("/jobs", response_model=JobList, dependencies=READ_AFTER)
@@ -127,7 +137,7 @@ def job_metrics(
 async def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Pause at the next step boundary (a queued job pauses at once)."""
     accepted = await context.commands.pause(job_id, actor)
-    return command_result(accepted, f"pause requested; job is {accepted.job.status}")
+    return command_result(context, accepted, f"pause requested; job is {accepted.job.status}")
 
 
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=CommandResult)
@@ -137,14 +147,14 @@ async def pause_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> R
 async def resume_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Queue a paused job again; it resumes from its checkpoint."""
     accepted = await context.commands.resume(job_id, actor)
-    return command_result(accepted, "resume requested; job is queued")
+    return command_result(context, accepted, "resume requested; job is queued")
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=CommandResult)
 async def cancel_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> Response:
     """Cancel (idempotent); a running job stops at the next step boundary."""
     accepted = await context.commands.cancel(job_id, actor)
-    return command_result(accepted, f"cancel requested; job is {accepted.job.status}")
+    return command_result(context, accepted, f"cancel requested; job is {accepted.job.status}")
 
 
 @router.delete(
@@ -159,4 +169,4 @@ async def delete_job(job_id: JobIdDep, context: ContextDep, actor: ActorDep) -> 
     if accepted.job.archived:
         headers = {POSITION_HEADER: str(accepted.position)}
         return Response(status_code=204, headers=headers)
-    return command_result(accepted, f"cancel requested; job is {accepted.job.status}")
+    return command_result(context, accepted, f"cancel requested; job is {accepted.job.status}")

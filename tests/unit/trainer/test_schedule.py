@@ -34,3 +34,16 @@ def test_apply_sets_every_group() -> None:
     optimizer = torch.optim.SGD([{"params": [weights[0]]}, {"params": [weights[1]]}], lr=1.0)
     LrSchedule("none", 0.3, epochs=1, steps_per_epoch=1, warmup_epochs=0).apply(optimizer, 1, 0)
     assert [g["lr"] for g in optimizer.param_groups] == [0.3, 0.3]
+
+
+@pytest.mark.parametrize(("epochs", "warmup_epochs"), [(1, 1), (2, 5)])
+def test_warmup_takes_at_most_half_the_job_so_the_rate_still_decays(
+    epochs: int, warmup_epochs: int
+) -> None:
+    """A 1-epoch job with the default warmup, or a warmup longer than the job, used to end
+    at its peak rate: the cosine never began."""
+    schedule = LrSchedule("cosine", 1.0, epochs, steps_per_epoch=10, warmup_epochs=warmup_epochs)
+    half = epochs * 10 // 2
+    assert schedule.warmup_steps == half
+    assert schedule.lr_at(1, 0) == pytest.approx(1.0 / half)
+    assert schedule.lr_at(epochs, 9) < 0.1  # the cosine ran: near 0 at the end

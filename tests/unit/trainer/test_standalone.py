@@ -102,3 +102,19 @@ def test_a_paused_job_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     outcome = train_from_file(config, tmp_path / "a", console, Path(paused.checkpoint_uri))
     assert outcome.kind == "completed" and outcome.epoch == 2
     assert "epochs 1..2" in out.getvalue() and (tmp_path / "a" / "model.pt").is_file()
+
+
+def test_train_draws_a_bar_over_each_epochs_steps_and_ends_once(tmp_path: Path) -> None:
+    """On a terminal: a step bar per epoch, each epoch's metrics printed once, one end line."""
+    config = tmp_path / "job.yaml"
+    fields = {"epochs": 2, "batch_size": 4, "model_architecture": "resnet18", "accelerator": "cpu"}
+    fields["dataset"] = {"kind": "synthetic", "samples": 40, "n_mels": 8, "frames": 8}
+    config.write_text(yaml.safe_dump(fields))
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    train_from_file(config, tmp_path / "a", console)
+    printed = out.getvalue()
+    assert "━" in printed and "epoch 1/2" in printed and "epoch 2/2" in printed
+    assert "/8 steps" in printed  # 32 training samples in batches of 4
+    assert printed.count("[bold]") == 0 and printed.count("completed after") == 1
+    assert sum("val_loss=" in line for line in printed.splitlines()) == 2
