@@ -360,6 +360,8 @@ def replay(
     try:
         store = store_to_replay(settings, allow_empty)
     except NothingToReplayError as error:
+        if error.unreachable:
+            _refuse(str(error))
         _refuse(f"{error}: nothing to compare (--allow-empty compares all the same)")
     report = run_replay(store, build_read_store(settings), settings)
     for line in report.differences[:50]:

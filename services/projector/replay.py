@@ -37,7 +37,12 @@ class ReplayReport:
 
 
 class NothingToReplayError(Exception):
-    """The store the settings name cannot be seen, does not exist, or holds no event."""
+    """The store the settings name cannot be seen, does not exist, or holds no event;
+    `unreachable` when it cannot be seen at all (then `allow_empty` does not help)."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def store_to_replay(settings: Settings, allow_empty: bool = False) -> TrainingJobs:
@@ -47,7 +52,8 @@ def store_to_replay(settings: Settings, allow_empty: bool = False) -> TrainingJo
     a store the usual way makes a missing one). `allow_empty` opens it all the same.
     """
     where = store_location(settings)
-    if not allow_empty and not _store_exists(settings, where):
+    exists = _store_exists(settings, where)  # or NothingToReplayError: it cannot be seen
+    if not allow_empty and not exists:
         raise NothingToReplayError(f"no event store at {where}")
     app = build_app(settings)
     if not allow_empty and not app.recorder.max_notification_id():
@@ -71,6 +77,11 @@ def _sqlite_path(settings: Settings) -> Path:
 
 def _store_exists(settings: Settings, where: str) -> bool:
     if not settings.database_url:
+        folder = settings.data_dir
+        if folder.exists() and not folder.is_dir():
+            raise NothingToReplayError(
+                f"cannot open the store at {where}: {folder} is a file", True
+            )
         return _sqlite_path(settings).is_file()
     # eventsourcing names an application's PostgreSQL table after the application.
     table = f'"{settings.database_schema}"."{TrainingJobs.name.lower()}_events"'
@@ -79,7 +90,8 @@ def _store_exists(settings: Settings, where: str) -> bool:
             found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
     except psycopg.OperationalError as error:
         reason = (str(error).strip().splitlines() or ["unreachable"])[-1]
-        raise NothingToReplayError(f"cannot open the store at {where}: {reason}") from None
+        message = f"cannot open the store at {where}: {reason}"
+        raise NothingToReplayError(message, unreachable=True) from None
     return bool(found and found[0])
 
 

@@ -99,3 +99,18 @@ def test_a_postgres_schema_without_a_store_is_refused_and_not_made(
     assert not schema_exists(schema)
     build_app(Settings(_env_file=None))
     refused(replay(), f'schema "{schema}"', "no events")
+
+
+@pytest.mark.parametrize("allow_empty", [(), ("--allow-empty",)])
+def test_a_store_that_cannot_be_opened_is_one_line_even_with_allow_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allow_empty: tuple[str, ...]
+) -> None:
+    """A data folder that is a file (it was a traceback with --allow-empty), and a
+    database nothing listens for (--allow-empty retried for ever): exit 2, one line."""
+    (tmp_path / "afile").write_text("")
+    on_sqlite(monkeypatch, tmp_path / "afile")
+    line = refused(replay(*allow_empty), "cannot open the store", "is a file")
+    assert "--allow-empty" not in line
+    monkeypatch.setenv("HEIMDALL_DATABASE_URL", "postgresql://x:secret@127.0.0.1:1/db")
+    line = refused(replay(*allow_empty), "cannot open the store", "127.0.0.1:1/db")
+    assert "secret" not in line and "--allow-empty" not in line
