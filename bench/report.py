@@ -153,6 +153,51 @@ def _sum_gpu(f: Figures) -> list[list[str]]:
     return [[f"8 GPU ({f['model']} on {f['device']})", s, b, num(f["ratio"], 2), "≥ 0.95", verdict]]
 
 
+def _sum_ml(f: Figures) -> list[list[str]]:
+    job, knn = f["rows"]["job_last_epoch"], f["rows"]["knn"]
+    ok = f["last_over_knn_p50"] <= ML_GOAL
+    return [
+        [
+            "9 default job p50 (last epoch) vs kNN on receiver powers, km",
+            num(job["p50"], 1),
+            num(knn["p50"], 1),
+            num(f["last_over_knn_p50"], 2),
+            f"≤ {ML_GOAL}",
+            met(ok),
+        ]
+    ]
+
+
+ML_GOAL = 1.3
+ML_LABELS = {
+    "centre": "predict the region's centre",
+    "centroid": "power-weighted centroid of the receivers",
+    "knn": "kNN (k = 5) on the per-receiver powers",
+    "job_last_epoch": "default job, last epoch",
+    "job_shipped": "default job, shipped model.pt (best epoch)",
+}
+
+
+def _ml(f: Figures) -> str:
+    c = f["config"]
+    d = c["dataset"]
+    rows = [
+        [ML_LABELS[name]]
+        + [num(r[q], 1) for q in ("p50", "p68", "p95")]
+        + [num(r.get("inside_68"), 2) if "inside_68" in r else "", num(r["seconds"], 1)]
+        for name, r in f["rows"].items()
+    ]
+    head = ["method, same validation split", "p50 km", "p68 km", "p95 km", "inside 68 %", "s"]
+    return (
+        "## 9. What the default job learns (`bench/ml.py`)\n\n"
+        f"The default job ({c['model_architecture']}, {c['epochs']} epochs, {d['samples']}"
+        f" synthetic samples of {d['receivers']} receivers x {d['n_mels']} x {d['frames']}) on"
+        " the CPU, against three baselines on its own validation split (README: Baselines)."
+        " The job's seconds are its whole wall time; a baseline's, all three together.\n\n"
+        + table(head, rows)
+    )
+
+
 def _latencies(rows: list[tuple[str, Figures]]) -> str:
     head = ["", "per s (best)", "per s (median)", "p50 ms", "p99 ms", "max ms"]
     body = [
@@ -404,6 +449,7 @@ SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "replay": _sum_replay,
     "load": _sum_load,
     "gpu": _sum_gpu,
+    "ml": _sum_ml,
 }
 SECTIONS: dict[str, Callable[[Figures], str]] = {
     "trainer": _trainer,
@@ -413,4 +459,5 @@ SECTIONS: dict[str, Callable[[Figures], str]] = {
     "replay": _replay,
     "load": _load,
     "gpu": _gpu,
+    "ml": _ml,
 }

@@ -3,14 +3,16 @@
 A checkpoint is a `torch.save` dict, readable with `weights_only=True`:
 `format_version`, `config` (JobConfig JSON dump), `model`, `optimizer`, `schedule`,
 `scaler` (state dicts), `progress` (epochs completed, steps done in the next epoch, its
-running sums, best loss/epoch, epochs without improvement, last metrics) and `rng`
+running sums, best loss/epoch, epochs without improvement, last metrics, and the best
+epoch's weights and metrics, which `model.pt` ships) and `rng`
 (python, numpy, torch, cuda). `checkpoints/epoch-0003.pt` is written after epoch 3;
 `checkpoints/epoch-0004-step-000042.pt` by a pause 42 steps into epoch 4. The newest
 KEEP_CHECKPOINTS and the best epoch's are kept.
 
 `model.pt` holds `format_version`, `kind`, `config`, `state_dict` (a `Localiser`),
 `input_shape` [R, M, F], `receivers` [{name, lat, lon}], `normalisation`
-{centre, scale} (normalised = (degrees - centre) / scale, in (lat, lon) order), `metrics`.
+{centre, scale} (normalised = (degrees - centre) / scale, in (lat, lon) order), `metrics`
+(those of the epoch whose weights it holds: the best by validation loss, else the last).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Progress:
     best_epoch: int | None = None
     bad_epochs: int = 0
     last_metrics: Metrics = field(default_factory=dict)
+    # What `model.pt` will hold: the best epoch's weights (on the host) and metrics.
+    best_model: dict[str, Any] | None = None
+    best_metrics: Metrics = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

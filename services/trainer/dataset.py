@@ -96,22 +96,27 @@ def region(receivers: FloatArray) -> tuple[tuple[float, float], tuple[float, flo
     return (float(centre[0]), float(centre[1])), (float(half[0]), float(half[1]))
 
 
-def synthesise(cfg: SyntheticDataset) -> RFData:
-    """Deterministic (from `cfg.seed`) transmitters and the maps their receivers see."""
-    rng = np.random.default_rng(cfg.seed)
+def synthesise(cfg: SyntheticDataset, draw: int = 0, samples: int | None = None) -> RFData:
+    """Deterministic transmitters and the maps their receivers see.
+
+    Draw 0 is the dataset itself (`cfg.samples`, from `cfg.seed`); draw k > 0 is another
+    `samples` independent ones from (`cfg.seed`, k), such as epoch k's fresh training set.
+    """
+    n = cfg.samples if samples is None else samples
+    rng = np.random.default_rng(cfg.seed if draw == 0 else [cfg.seed, draw])
     sites = RECEIVERS[: cfg.receivers]
     rx = np.array([(r.lat, r.lon) for r in sites], dtype=np.float64)
     centre, half = region(rx)
-    positions = rng.uniform(-1.0, 1.0, (cfg.samples, 2)) * half + centre
+    positions = rng.uniform(-1.0, 1.0, (n, 2)) * half + centre
     distance_km = np.maximum(haversine_m(positions[:, None, :], rx[None, :, :]) / 1000, 0.1)
-    tx_power = TX_POWER_DBM + rng.uniform(-TX_POWER_SPREAD_DB, TX_POWER_SPREAD_DB, cfg.samples)
+    tx_power = TX_POWER_DBM + rng.uniform(-TX_POWER_SPREAD_DB, TX_POWER_SPREAD_DB, n)
     path_loss = PATH_LOSS_1KM_DB + 10 * PATH_LOSS_EXPONENT * np.log10(distance_km)
     shadowing = rng.normal(0.0, SHADOWING_DB, distance_km.shape)
     snr_db = tx_power[:, None] - path_loss + shadowing - NOISE_FLOOR_DBM
-    band = rng.uniform(0.2, 0.8, cfg.samples) * cfg.n_mels
+    band = rng.uniform(0.2, 0.8, n) * cfg.n_mels
     chunks = [
         _maps(rng, snr_db[i : i + _CHUNK], band[i : i + _CHUNK], cfg.n_mels, cfg.frames)
-        for i in range(0, cfg.samples, _CHUNK)
+        for i in range(0, n, _CHUNK)
     ]
     names = tuple(r.name for r in sites)
     return RFData(np.concatenate(chunks), positions, rx, names, centre, half)

@@ -15,6 +15,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from services.trainer.baselines import baseline_fields
 from services.trainer.checkpoints import (
     MODEL_KIND,
     CheckpointError,
@@ -34,7 +35,13 @@ from services.trainer.control import (
     StepInfo,
     TrainingHooks,
 )
-from services.trainer.dataset import RFData, load_dataset, split_indices, steps_per_epoch
+from services.trainer.dataset import (
+    RFData,
+    load_dataset,
+    split_indices,
+    steps_per_epoch,
+    synthesise,
+)
 from services.trainer.export import export_at_completion
 from services.trainer.feed import place
 from services.trainer.loop import (
@@ -52,7 +59,7 @@ from services.trainer.loop import (
 )
 from services.trainer.model import build_model
 from services.trainer.schedule import LrSchedule
-from shared.config import JobConfig
+from shared.config import JobConfig, SyntheticDataset
 from shared.readmodel.shapes import EpochMetrics
 
 CHECKPOINT_DIR, MODEL_FILE = "checkpoints", "model.pt"
@@ -77,6 +84,7 @@ class _Job:
     checkpoint: str | None
     mark: float  # perf_counter at the attempt's start, then at the end of each epoch's record
     checkpoint_dir: Path  # this attempt's own
+    baselines: dict[str, float]  # recorded with every epoch's metrics
 
     @property
     def steps(self) -> int:
@@ -166,7 +174,7 @@ def _prepare(
     checkpoints = workdir / CHECKPOINT_DIR
     return _Job(
         config, workdir, data, train, val, trainer, parts, progress, checkpoint, started,
-        checkpoints,
+        checkpoints, _baselines(data, config),
     )  # fmt: skip
 
 
@@ -189,6 +197,11 @@ def _start_from(model: nn.Module, path: Path, config: JobConfig, shape: tuple[in
         raise CheckpointError(
             f"init_from {config.init_from}: cannot start from that job's final weights: {error}"
         ) from error
+
+
+def _baselines(data: RFData, config: JobConfig) -> dict[str, float]:
+    train_idx, val_idx = split_indices(len(data.positions), config.validation_split, config.seed)
+    return baseline_fields(data, train_idx, val_idx)
 
 
 def _splits(data: RFData, config: JobConfig) -> tuple[Split, Split]:
@@ -237,9 +250,8 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
         _finish_epoch(job, hooks)
         if stopping:
             return _outcome(job, stopping)
-    path, _ = save_model(
-        job.workdir / MODEL_FILE, job.parts.model, job.config, job.data, p.last_metrics
-    )
+    model, metrics = _shipped(job), p.best_metrics or p.last_metrics
+    path, _ = save_model(job.workdir / MODEL_FILE, model, job.config, job.data, metrics)
     export_at_completion(path, job.data, job.config)  # before `Completed`; never raises
     return _outcome(job, "completed", str(path.resolve()))
 
@@ -256,9 +268,21 @@ def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
         control = hooks.check(StepInfo(epoch, step, steps, loss, speed))
         return control is not Control.CONTINUE
 
-    train_one_epoch(job.trainer, job.train, plan, tally, stop)
+    train_one_epoch(job.trainer, _epoch_train(job, epoch), plan, tally, stop)
     p.step, p.tally = tally.steps, tally.as_dict()
     return control
+
+
+def _epoch_train(job: _Job, epoch: int) -> Split:
+    """Epoch `epoch`'s training samples. Synthetic data is free, so each epoch draws as many
+    fresh ones (from the dataset's seed and the epoch: a resume draws them again), which
+    keeps the model from learning each sample's shadowing; a files dataset's are fixed."""
+    cfg = job.config.dataset
+    if not isinstance(cfg, SyntheticDataset):
+        return job.train
+    fresh = synthesise(cfg, draw=epoch, samples=len(job.train))
+    targets = torch.from_numpy(job.data.normalise(fresh.positions)).float()
+    return Split(torch.from_numpy(fresh.inputs), targets, torch.from_numpy(fresh.positions))
 
 
 def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
@@ -266,15 +290,30 @@ def _finish_epoch(job: _Job, hooks: TrainingHooks) -> None:
     p = job.progress
     metrics = _epoch_metrics(job, Tally(**p.tally))
     monitored = float(cast(float, metrics["val_loss"] if job.val else metrics["train_loss"]))
-    is_best = p.best_loss is None or monitored < p.best_loss
-    if is_best:
-        p.best_loss, p.best_epoch, p.bad_epochs = monitored, p.epoch + 1, 0
+    improved = p.best_loss is None or monitored < p.best_loss
+    if improved:
+        p.best_loss, p.bad_epochs = monitored, 0
     else:
         p.bad_epochs += 1
+    is_best = improved or not job.val  # without validation data the last epoch ships
+    if is_best:
+        p.best_epoch, p.best_metrics = p.epoch + 1, metrics
+        p.best_model = _host_copy(job.parts.model) if job.val else None
     job.parts.schedule.end_epoch(p.epoch + 1, monitored)
     p.epoch, p.step, p.tally, p.last_metrics = p.epoch + 1, 0, {}, metrics
     hooks.on_epoch(dict(metrics), is_best, _save_checkpoint(job))  # the file first
     job.mark = time.perf_counter()
+
+
+def _host_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _shipped(job: _Job) -> nn.Module:
+    """The model `model.pt` holds: the best epoch's weights (the last without validation)."""
+    if job.progress.best_model is not None:
+        job.parts.model.load_state_dict(job.progress.best_model)
+    return job.parts.model
 
 
 def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
@@ -287,7 +326,7 @@ def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
     val = validate(
         t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m, epoch
     )
-    metrics: Metrics = {"epoch": epoch, **epoch_train_metrics(tally), **val}
+    metrics: Metrics = {"epoch": epoch, **epoch_train_metrics(tally), **val, **job.baselines}
     ready = time.perf_counter()
     metrics["epoch_seconds"] = tally.seconds + ready - started
     metrics["epoch_duration_seconds"] = ready - job.mark

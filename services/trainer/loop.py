@@ -16,7 +16,13 @@ from torch.optim import Optimizer
 
 from services.trainer.dataset import steps_per_epoch
 from services.trainer.feed import Batch, feed
-from services.trainer.model import CALIBRATION_SHARE, gaussian_nll, inside_68, split_output
+from services.trainer.model import (
+    CALIBRATION_SHARE,
+    gaussian_nll,
+    inside_68,
+    mahalanobis_sq,
+    split_output,
+)
 from services.trainer.schedule import LrSchedule
 
 EARTH_RADIUS_M = 6_371_008.8
@@ -341,18 +347,20 @@ def validate(
 
 
 def _val_rows(out: Tensor, target: Tensor, positions: Tensor, geo: Geo) -> Tensor:
-    """Per sample `[B, 4]` float64: loss, distance (m), 1-sigma radius (m), inside 68 %."""
+    """Per sample `[B, 5]` float64: loss, distance (m), 1-sigma radius (m), inside 68 %,
+    inside 1 sigma."""
     mean, log_var = split_output(out)
     distance = haversine_m(geo.degrees(mean), positions)
     inside = inside_68(out, target)
     loss = gaussian_nll(out, target)
-    columns = [loss, distance, geo.sigma_radius_m(mean, log_var), inside]
+    within_sigma = mahalanobis_sq(out, target) <= 1.0
+    columns = [loss, distance, geo.sigma_radius_m(mean, log_var), inside, within_sigma]
     return torch.stack([c.double() for c in columns], dim=1)
 
 
 def _val_metrics(rows: Tensor, radius_m: float) -> dict[str, float]:
-    """Means, quantiles and shares over the `[N, 4]` rows of `_val_rows`."""
-    loss, distance, sigma_radius, inside = rows.unbind(dim=1)
+    """Means, quantiles and shares over the `[N, 5]` rows of `_val_rows`."""
+    loss, distance, sigma_radius, inside, within_sigma = rows.unbind(dim=1)
     levels = torch.tensor(VAL_QUANTILES, dtype=torch.float64)
     p50, p68, p95 = torch.quantile(distance, levels).tolist()
     return {
@@ -364,4 +372,6 @@ def _val_metrics(rows: Tensor, radius_m: float) -> dict[str, float]:
         "val_rmse_m": distance.square().mean().sqrt().item(),
         "mean_predicted_uncertainty_m": sigma_radius.mean().item(),
         "uncertainty_calibration_error": abs(inside.mean().item() - CALIBRATION_SHARE),
+        "val_inside_68": inside.mean().item(),
+        "val_inside_1_sigma": within_sigma.mean().item(),
     }

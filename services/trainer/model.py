@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import timm
 import torch
@@ -60,12 +60,19 @@ def inside_68(out: Tensor, target: Tensor) -> Tensor:
     sum((target - mean)^2 / var) follows chi-square with 2 dof, so the region is
     where it is <= -2 ln(0.32), about 2.279.
     """
+    return mahalanobis_sq(out, target) <= CHI2_2DOF_68
+
+
+def mahalanobis_sq(out: Tensor, target: Tensor) -> Tensor:
+    """Squared Mahalanobis distance `[B]` of normalised targets `[B, 2]` from the predicted
+    diagonal Gaussian: <= 1 inside the 1-sigma ellipse (39.3 % of truths when calibrated)."""
     mean, log_var = split_output(out)
-    return ((target - mean) ** 2 * torch.exp(-log_var)).sum(dim=1) <= CHI2_2DOF_68
+    return ((target - mean) ** 2 * torch.exp(-log_var)).sum(dim=1)
 
 
 def build_model(config: JobConfig, in_chans: int, input_size: tuple[int, int]) -> Localiser:
-    """The job's backbone (no download) plus head, checked on an input of the real size."""
+    """The job's backbone (no download) plus a head as wide as what the backbone puts out for
+    an input of the real size (ValueError naming the model when it cannot take that size)."""
     backbone = timm.create_model(
         config.model_architecture,
         pretrained=False,
@@ -75,9 +82,33 @@ def build_model(config: JobConfig, in_chans: int, input_size: tuple[int, int]) -
     )
     if config.pretrained_path:
         load_backbone_weights(backbone, Path(config.pretrained_path))
-    model = Localiser(backbone, cast(int, backbone.num_features), _total_stride(backbone))
-    _probe(model, config.model_architecture, in_chans, input_size)
-    return model
+    min_side = _total_stride(backbone)
+    features = _output_width(backbone, config.model_architecture, in_chans, input_size, min_side)
+    return Localiser(backbone, features, min_side)
+
+
+def _output_width(
+    backbone: nn.Module, name: str, in_chans: int, size: tuple[int, int], min_side: int
+) -> int:
+    """How many features the backbone really puts out for one `[in_chans, *size]` input.
+
+    `num_features` is the width before timm's pooling head, which some families
+    (MobileNetV3, LCNet) widen further with a 1x1 conv; a dry run sees what comes out.
+    """
+    side = (max(size[0], min_side), max(size[1], min_side))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, in_chans, *side))
+    except RuntimeError as error:
+        shape = [in_chans, *size]
+        raise ValueError(f"model {name} cannot take inputs of shape {shape}: {error}") from error
+    finally:
+        backbone.train(was_training)
+    if out.ndim != 2:
+        raise ValueError(f"model {name} gives outputs of shape {list(out.shape)}, want [1, C]")
+    return int(out.shape[1])
 
 
 def _total_stride(backbone: nn.Module) -> int:
@@ -85,19 +116,6 @@ def _total_stride(backbone: nn.Module) -> int:
     if isinstance(info, list) and info and isinstance(info[-1], dict):
         return int(info[-1].get("reduction", 1))
     return 1
-
-
-def _probe(model: Localiser, name: str, in_chans: int, size: tuple[int, int]) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, *size))
-    except RuntimeError as error:
-        shape = [in_chans, *size]
-        raise ValueError(f"model {name} cannot take inputs of shape {shape}: {error}") from error
-    finally:
-        model.train(was_training)
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:

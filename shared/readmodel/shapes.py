@@ -16,6 +16,14 @@ from pydantic import BaseModel, Field, field_validator
 JOB_TYPE: Literal["training"] = "training"
 
 
+def _baseline(method: str, quantile: str) -> Any:
+    return Field(
+        None,
+        description=f"{quantile} validation distance error of {method} on the same split,"
+        " metres; measured at the job's start, the same every epoch (README: Baselines)",
+    )
+
+
 class EpochMetrics(BaseModel):
     """One epoch's metrics as the trainer records them (`EpochCompleted.metrics`).
 
@@ -64,6 +72,25 @@ class EpochMetrics(BaseModel):
         description="absolute difference between 0.68 and the share of validation truths"
         " inside the predicted 68 % region; 0 is perfectly calibrated",
     )
+    val_inside_68: float | None = Field(
+        None,
+        description="share (0..1) of validation truths inside the model's predicted 68 %"
+        " region (squared Mahalanobis distance <= 2.279); 0.68 when calibrated",
+    )
+    val_inside_1_sigma: float | None = Field(
+        None,
+        description="share (0..1) of validation truths inside the model's predicted 1-sigma"
+        " ellipse (Mahalanobis distance <= 1); 0.393 when calibrated, as the region is 2-D",
+    )
+    baseline_centre_p50_m: float | None = _baseline("predicting the region's centre", "median")
+    baseline_centre_p68_m: float | None = _baseline("predicting the region's centre", "p68")
+    baseline_centre_p95_m: float | None = _baseline("predicting the region's centre", "p95")
+    baseline_centroid_p50_m: float | None = _baseline("the power-weighted centroid", "median")
+    baseline_centroid_p68_m: float | None = _baseline("the power-weighted centroid", "p68")
+    baseline_centroid_p95_m: float | None = _baseline("the power-weighted centroid", "p95")
+    baseline_knn_p50_m: float | None = _baseline("a kNN on receiver powers", "median")
+    baseline_knn_p68_m: float | None = _baseline("a kNN on receiver powers", "p68")
+    baseline_knn_p95_m: float | None = _baseline("a kNN on receiver powers", "p95")
     epoch_seconds: float | None = Field(
         None, description="seconds spent training and validating this epoch"
     )

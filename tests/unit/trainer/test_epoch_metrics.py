@@ -38,7 +38,8 @@ METRES_PER_DEGREE = 111_195.08
 VALIDATION_ONLY = {
     "val_loss", "val_accuracy", "val_distance_p50_m", "val_distance_p68_m",
     "val_distance_p95_m", "val_rmse_m", "mean_predicted_uncertainty_m",
-    "uncertainty_calibration_error",
+    "uncertainty_calibration_error", "val_inside_68", "val_inside_1_sigma",
+    *(name for name in EpochMetrics.model_fields if name.startswith("baseline_")),
 }  # fmt: skip
 
 
@@ -166,6 +167,8 @@ def test_calibration_error_counts_the_truths_inside_the_68_percent_region() -> N
     metrics = _validate(_split(outputs, [[0.0, 0.0]] * len(outputs)))
     assert inside == 4
     assert metrics["uncertainty_calibration_error"] == pytest.approx(abs(4 / 10 - 0.68))
+    assert metrics["val_inside_68"] == pytest.approx(4 / 10)
+    assert metrics["val_inside_1_sigma"] == pytest.approx(2 / 10)  # m = 1.0 and 0.5
 
 
 class BrokenOnEval(nn.Module):
