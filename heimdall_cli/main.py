@@ -228,9 +228,21 @@ def _watch(job_id: str) -> None:
     raise typer.Exit(code)
 
 
+WIDE_COLUMNS = 120
+
+
+def _epoch_and_step(job: dict[str, Any]) -> str:
+    """`2/3 40/51` while epoch 2 of 3 runs (step 40 of 51), else `1/3`: recorded epochs."""
+    live = job.get("progress") or {}
+    if not live:
+        return f"{job['current_epoch']}/{job['total_epochs']}"
+    return f"{live['epoch']}/{job['total_epochs']} {live['step']}/{live['steps_per_epoch']}"
+
+
 @app.command()
 def jobs(status: str | None = None, limit: int = 50) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (ETA, val loss, samples/s, model, device and creation time
+    from a width of 120 columns on)."""
     if status and status not in STATUSES:
         _refuse(f"--status {status[:60]!r}: want one of {', '.join(STATUSES)}")
     if limit < 1:
@@ -239,24 +251,25 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
 
     with _api_call():
         page = _client().jobs(status, limit)
-    table = Table(
-        "name", "status", "epoch", "step", "samples/s", "ETA", "val loss", "model",
-        "device", "created (UTC)",
-    )  # fmt: skip
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=36))  # others use it whole
+    if console.width < WIDE_COLUMNS:  # a plain terminal or a pipe: the essentials, whole
+        table = Table("id", "status", "epoch", "name", box=None)
+        for job in page["jobs"]:
+            table.add_row(job["id"], job["status"], _epoch_and_step(job), escape(job["job_name"]))
+        console.print(table)
+        console.print(f"{len(page['jobs'])} of {page['total']} jobs")
+        return
+    table = Table(Column("id", no_wrap=True, min_width=36), "name", "status", "epoch", "ETA",
+                  "val loss", "samples/s", "model", "device", "created (UTC)")  # fmt: skip
     for job in page["jobs"]:
         live = job.get("progress") or {}
-        step = f"{live['step']}/{live['steps_per_epoch']}" if live else "-"
-        epoch = live.get("epoch", job["current_epoch"])  # the one being trained, if any
         table.add_row(
             job["id"],
             escape(job["job_name"]),
             job["status"],
-            f"{epoch}/{job['total_epochs']}",
-            step,
-            _shown(live.get("samples_per_second")),
+            _epoch_and_step(job),
             duration(live.get("eta_seconds")),
             _shown(job.get("val_loss")),
+            _shown(live.get("samples_per_second")),
             escape(job["model_architecture"]),
             escape(job.get("device") or "-"),
             _when(job.get("created_at")),
@@ -266,23 +279,39 @@ def jobs(status: str | None = None, limit: int = 50) -> None:
 
 
 @app.command()
-def metrics(job_id: str) -> None:
-    """A job's per-epoch metrics: one row per epoch, one column per declared metric."""
+def metrics(
+    job_id: str,
+    last: Annotated[int, typer.Option(help="how many of the last epochs to show")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="every epoch, as the api gives")] = False,
+) -> None:
+    """A job's per-epoch metrics: one row per declared metric, one column per epoch."""
     job_id = _job_id(job_id)
+    if last < 1:
+        _refuse(f"--last {last}: want 1 or more")
     with _api_call():
         rows = _client().metrics(job_id)
-    names = [n for n in MetricRow.model_fields if n not in ("recorded_at", "timestamp")]
-    table = Table(*names)
-    for row in rows:
-        table.add_row(*(_shown(row.get(name)) for name in names))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    shown = rows[-last:]
+    table = Table("metric", *(f"epoch {row['epoch']}" for row in shown))
+    table.columns[0].no_wrap = True
+    for name in MetricRow.model_fields:
+        if name not in ("epoch", "recorded_at", "timestamp"):
+            table.add_row(name, *(_shown(row.get(name)) for row in shown))
     console.print(table)
+    if len(rows) > len(shown):
+        console.print(f"the last {len(shown)} of {len(rows)} epochs (--last, --json)")
 
 
 def _shown(value: object) -> str:
-    """A number for people: 4 significant digits; nothing known is a dash."""
+    """A number for people: 4 significant digits, whole from 1,000 on (metres); nothing
+    known is a dash."""
     if value is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
 
 
 def _when(stamp: object) -> str:

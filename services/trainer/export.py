@@ -100,7 +100,7 @@ def export_model(
     CheckpointError when model.pt cannot be read.
     """
     started = time.perf_counter()
-    model, _ = load_model(model_path)
+    model, meta = load_model(model_path)
     split, indices = _reference(data, config)
     inputs = data.inputs[indices[:PARITY_SAMPLES]]
     with torch.no_grad():
@@ -111,6 +111,7 @@ def export_model(
         **_onnx_facts(match),
         "model_file": {"file": model_path.name, "sha256": sha256_of(model_path)},
         "parameters_count": sum(p.numel() for p in model.parameters()),
+        "metrics": meta.get("metrics", {}),  # of the epoch whose weights model.pt holds
         "normalization": {
             "centre": list(data.centre),
             "scale": list(data.scale),

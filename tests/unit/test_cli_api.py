@@ -184,3 +184,19 @@ def test_an_api_error_is_its_message_in_one_line(
     assert "{'" not in lines[0] and "<html" not in lines[0], lines[0]
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def test_metrics_reads_at_80_columns_a_row_per_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    """28 metrics as columns were cut to nothing at 80 columns; now a row each, whole."""
+    from shared.readmodel.shapes import MetricRow
+
+    row = dict.fromkeys(MetricRow.model_fields, 21782.123)
+    rows = [row | {"epoch": e, "val_inside_68": 0.7292} for e in range(1, 11)]
+    answering(monkeypatch, lambda _: httpx.Response(200, json=rows))
+    monkeypatch.setattr(main, "console", Console(width=80))
+    result = runner.invoke(main.app, ["metrics", JOB_ID])
+    assert result.exit_code == 0, result.output
+    for name in ("uncertainty_calibration_error", "baseline_knn_p95_m", "epoch 10", "0.7292"):
+        assert name in result.stdout, (name, result.stdout)
+    assert "21782 " in result.stdout and "…" not in result.stdout
+    assert "the last 4 of 10 epochs" in result.stdout and "epoch 6 " not in result.stdout

@@ -25,6 +25,7 @@ from services.api.deps import ApiContext
 from services.api.routes import models
 from services.runtime import build_api
 from services.trainer import export
+from services.trainer.checkpoints import load_model
 from services.trainer.control import NullHooks
 from services.trainer.job import MODEL_FILE, run_training
 from shared.settings import Settings
@@ -299,6 +300,23 @@ def test_provenance_names_the_job_its_completed_event_and_its_data(
     assert provenance["heimdall_version"] == document["bundle_metadata"]["heimdall_version"]
     assert document["performance_metrics"]["val_loss"] == completed.metrics["val_loss"]
     assert document["bundle_metadata"]["created_by"] == "anonymous"
+
+
+def test_the_bundles_metrics_are_those_of_the_weights_it_holds(
+    platform: Platform, completed: Completed
+) -> None:
+    """model.pt holds the best epoch; a later, worse epoch was the job's last. The bundle
+    described the last one (Completed's final_metrics) while shipping the best's weights."""
+    job_id = platform.submit()
+    shutil.copytree(completed.workdir, platform.root / job_id)
+    last = {**completed.metrics, "epoch": 99, "val_loss": 123.0, "val_distance_p50_m": 1.0}
+    platform.complete(job_id, str(platform.root / job_id / "model.pt"), last)
+    _, meta = load_model(platform.root / job_id / "model.pt")
+    response = platform.client.get(f"{API}/jobs/{job_id}/export")
+    assert response.status_code == 200, response.text
+    shipped = json.loads(response.content)["performance_metrics"]
+    assert shipped["epoch"] == meta["metrics"]["epoch"] != 99
+    assert shipped["val_loss"] == pytest.approx(meta["metrics"]["val_loss"])
 
 
 def test_components_can_be_left_out(platform: Platform, completed: Completed) -> None:

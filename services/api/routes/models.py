@@ -247,8 +247,11 @@ def bundle_document(
     if parts.include_config:
         document["training_config"] = job.config
     if parts.include_metrics:
+        # The metrics of the epoch the weights come from (the best one); a manifest written
+        # before it said so has only the last epoch's, from `Completed`.
+        shipped = manifest.get("metrics") or completed.data.get("final_metrics", {})
         best = {k: completed.data.get(k) for k in ("best_epoch", "best_val_loss")}
-        metrics = {**completed.data.get("final_metrics", {}), **best}
+        metrics = {**shipped, **best}
         document["performance_metrics"] = {k: _number(v) for k, v in metrics.items()}
     if parts.include_normalization:
         document["normalization_stats"] = _normalisation(manifest["normalization"])

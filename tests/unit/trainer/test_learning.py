@@ -4,7 +4,6 @@ fresh synthetic samples each epoch, the best epoch shipped."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,16 +21,12 @@ from services.trainer.job import run_training
 from services.trainer.model import inside_68
 from shared.config import JobConfig
 
-# The default job (default optimiser, schedule, warmup, seed and split) at a reduced size:
-# 512 samples of 16 x 16 maps for 8 epochs instead of 2,048 of 64 x 32 for 10. Measured at
-# full size: last epoch 1.09x the kNN, 0.73 inside the 68 % region (README).
-CONFIG = JobConfig.model_validate(
-    {
-        "epochs": 8,
-        "accelerator": "cpu",
-        "dataset": {"kind": "synthetic", "samples": 512, "n_mels": 16, "frames": 16, "seed": 0},
-    }
-)
+# The default job itself (JobConfig's defaults: 2,048 samples of 64 x 32 maps, 10 epochs
+# of convnext_atto), on the CPU: about 80 s on two cores. A reduced size would not do: at
+# 512 samples of 16 x 16 the old recipe (fixed samples, last epoch shipped) also passed
+# the 1.3x test (1.27x), and the 68 % share drifts out of 0.60..0.76 (0.78).
+CONFIG = JobConfig.model_validate({"accelerator": "cpu"})
+pytestmark = pytest.mark.timeout(900)  # the one job, on a loaded CI machine
 
 
 class Trained(NamedTuple):
@@ -71,7 +66,7 @@ def test_validation_error_is_far_below_the_best_constant_guess(trained: Trained)
 
 def test_the_last_epoch_is_within_1_3x_of_a_knn_on_receiver_powers(trained: Trained) -> None:
     """What the data holds: a kNN on the 7 powers read from the maps, on the same split.
-    Fixed training samples (before fresh ones each epoch) ended near 1.5x at full size."""
+    Fixed training samples (before fresh ones each epoch) ended at 1.48x; now 1.12x."""
     knn = baseline_metrics(trained.data, trained.train, trained.val)["knn"]["p50_m"]
     last = float(trained.outcome.final_metrics["val_distance_p50_m"] or 0)
     print(f"last epoch p50 {last / 1000:.1f} km, kNN {knn / 1000:.1f} km")
@@ -79,10 +74,10 @@ def test_the_last_epoch_is_within_1_3x_of_a_knn_on_receiver_powers(trained: Trai
 
 
 def test_the_shipped_models_68_percent_region_holds_about_68_percent(trained: Trained) -> None:
-    """0.60..0.76 at full size; on this split's 102 samples the share itself varies by
-    sqrt(0.68 * 0.32 / 102) = 0.046, so the window widens by two of those."""
+    """0.60..0.76 of the 410 validation truths inside the shipped model's predicted 68 %
+    region (the old recipe's last epoch: 0.12, overconfident)."""
     targets = torch.from_numpy(trained.data.normalise(trained.data.positions[trained.val]))
     share = float(inside_68(trained.out, targets.float()).double().mean())
-    noise = 2 * math.sqrt(0.68 * 0.32 / len(trained.val))
-    print(f"inside the predicted 68 % region: {share:.3f} (window +-{noise:.3f})")
-    assert 0.60 - noise <= share <= 0.76 + noise
+    print(f"inside the predicted 68 % region: {share:.3f}")
+    assert 0.60 <= share <= 0.76
+    assert trained.meta["metrics"]["val_inside_68"] == pytest.approx(share)
