@@ -1,4 +1,6 @@
-"""Prometheus metrics of the projector and the trainer, and what is read at scrape time.
+"""Prometheus metrics of the projector, what is read at scrape time, and their server.
+
+The trainer's own metrics live with the trainer (`services/trainer/observe.py`).
 
 The counters and gauges live in prometheus_client's process registry: the embedded run
 shows them all on the api's `/metrics`; a projector or trainer process of its own serves
@@ -11,7 +13,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
+from prometheus_client import REGISTRY, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -27,12 +29,6 @@ EVENTS_PROJECTED = Counter(
     "heimdall_events_projected", "Events applied to the read tables by this process"
 )
 EVENTS_PUBLISHED = Counter("heimdall_events_published", "Events published to the bus")
-SAMPLES_PER_SECOND = Gauge(
-    "heimdall_trainer_samples_per_second", "Training throughput at the last step", ["worker"]
-)
-EPOCHS = Counter("heimdall_trainer_epochs", "Epochs completed by this trainer", ["worker"])
-BUSY = Gauge("heimdall_trainer_busy", "1 while this trainer runs a job", ["worker"])
-JOBS_RUN = Counter("heimdall_trainer_jobs", "Runs of jobs ended by this trainer", ["worker"])
 
 
 class StoreCollector(Collector):

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import logging
 
+from prometheus_client import Counter, Gauge
+
 from services.trainer.control import Metrics, StepInfo
-from shared.metrics import EPOCHS, SAMPLES_PER_SECOND
 
 log = logging.getLogger(__name__)
+
+# In the process registry: a trainer's `HEIMDALL_METRICS_PORT`, or the embedded api's /metrics.
+SAMPLES_PER_SECOND = Gauge(
+    "heimdall_trainer_samples_per_second", "Training throughput at the last step", ["worker"]
+)
+EPOCHS = Counter("heimdall_trainer_epochs", "Epochs completed by this trainer", ["worker"])
+BUSY = Gauge("heimdall_trainer_busy", "1 while this trainer runs a job", ["worker"])
+JOBS_RUN = Counter("heimdall_trainer_jobs", "Runs of jobs ended by this trainer", ["worker"])
 
 
 def observe_step(worker: str, step: StepInfo) -> None:
