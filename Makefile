@@ -42,7 +42,7 @@ e2e: install-dev
 	$(BIN)/pytest -q -p no:cacheprovider tests/e2e
 
 asyncapi: install  ## regenerate docs/asyncapi.json from the real subscribers
-	$(BIN)/python -m shared.rabbit > docs/asyncapi.json
+	$(BIN)/python -m services.asyncapi > docs/asyncapi.json
 
 bench: install-dev  ## every benchmark (about 15 min; needs PostgreSQL and RabbitMQ), then docs/BENCHMARKS.md
 	$(BIN)/python -m bench.run_all --out docs/BENCHMARKS.md

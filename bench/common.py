@@ -122,13 +122,15 @@ def drop_broker_names(schema: str) -> None:
     """Delete the bench's exchange and queues from RabbitMQ (they are durable)."""
     import aio_pika
 
+    from shared.rabbit import work_queue_names
+
     exchange, work = broker_names(schema)
 
     async def drop() -> None:
         connection = await aio_pika.connect(BROKER_URL, timeout=10)
         async with connection:
             channel = await connection.channel()
-            for queue in (work, f"{work}.dead"):
+            for queue in work_queue_names(work).values():
                 await channel.queue_delete(queue)
             await channel.exchange_delete(exchange)
 

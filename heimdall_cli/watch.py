@@ -62,6 +62,7 @@ class Watcher:
         self.name, self.epochs, self.epoch = job_id, 0, 0.0
         self.running_epoch = 0  # the epoch shown: the one being trained, else the last one
         self.final: dict[str, Any] = {}
+        self.waiting: str | None = None  # why a queued job has not started, as last said
         self.fields: dict[str, Any] = {
             "step": "-",
             "loss": "-",
@@ -115,6 +116,10 @@ class Watcher:
         self.fields["loss"] = _number(job.get("val_loss"), ".4f")
         if job.get("progress"):  # a running job: where its trainer last said it was
             self._step(job["progress"])
+        waiting = job.get("waiting")
+        if waiting and waiting != self.waiting:
+            self.progress.console.print(f"queued: {waiting}")
+        self.waiting = waiting
 
     def _step(self, data: dict[str, Any]) -> None:
         self.epochs = data.get("total_epochs") or self.epochs

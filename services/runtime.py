@@ -33,7 +33,9 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
         context.watch.guard(*postgres_pools(jobs, reads))
         background.append(context.watch.run_forever)
     if with_projector:
-        projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
+        projector = Projector(
+            jobs, reads, bus, settings.poll_seconds, settings.database_url, settings.sweep_seconds
+        )
         jobs.saved_hooks.append(lambda _: projector.wake())
         projector.projected_hooks.append(context.freshness.advance)
         background.append(projector.run_forever)
@@ -98,7 +100,9 @@ def run_projector(settings: Settings) -> None:
 
     async def main() -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)
-        projector = Projector(jobs, reads, bus, settings.poll_seconds, settings.database_url)
+        projector = Projector(
+            jobs, reads, bus, settings.poll_seconds, settings.database_url, settings.sweep_seconds
+        )
         stop = asyncio.Event()
         stop_on_signals(stop)
         serve_metrics(settings, StoreCollector(jobs, reads, job_counts=False))

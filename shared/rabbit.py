@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aio_pika import DeliveryMode, Message
 from aio_pika.exceptions import PublishError
-from faststream import AckPolicy, FastStream
+from faststream import AckPolicy
 from faststream.rabbit import (
     Channel,
     ExchangeType,
@@ -21,30 +21,44 @@ from faststream.rabbit import (
 )
 from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.publisher import RabbitPublisher
-from faststream.specification import AsyncAPI
 
 from shared.bus import (
-    ALL_KEYS,
-    NUDGE_KEYS,
+    ACCELERATOR_OF_WORK_QUEUE,
     ROUTING_KEYS,
     TELEMETRY_KEY,
-    WORK_KEYS,
+    WORK_QUEUES,
     Bus,
     Envelope,
     Handler,
+    WorkDepth,
+    WorkHandler,
+    is_work,
+    work_key,
 )
 from shared.waiting import retrying_until
 
 log = logging.getLogger(__name__)
-BUS_VERSION = "1.0.0"
-DOCS_URL = "amqp://guest:guest@rabbitmq:5672/"
 HEALTH_SECONDS = 1.0
 PING_SECONDS = 0.2
 # How long `start` waits for the first connection before leaving it to the background.
 START_WAIT_SECONDS = 5.0
 DEAD_LETTER_MAX = 100_000
 Consumer = Callable[..., Awaitable[None]]
-_PUBLISHED = {TELEMETRY_KEY: "Live step telemetry between epochs; never in the store."}
+_PUBLISHED = {
+    TELEMETRY_KEY: "Live step telemetry between epochs; never in the store.",
+    **{
+        work_key(kind): f"One message per runnable job whose config asks for accelerator"
+        f" {accelerators}: after each stored event that leaves the job queued (message id ="
+        " its position), and again from the projector's sweep when one seems lost."
+        for kind, accelerators in ACCELERATOR_OF_WORK_QUEUE.items()
+    },
+}
+
+
+def work_queue_names(work_queue: str) -> dict[str, str]:
+    """Kind of work (`any`, `cpu`, `gpu`) and `dead` → the name of its queue, from the
+    configured `work_queue` prefix."""
+    return {**{kind: f"{work_queue}.{kind}" for kind in WORK_QUEUES}, "dead": f"{work_queue}.dead"}
 
 
 def _uuid() -> str:
@@ -63,10 +77,14 @@ class RabbitBus(Bus):
     work message means the topology was tampered with, so it raises and the projector
     retries it.
 
-    Work queue: quorum, prefetch 1, acked after the handler returns. A failing handler
-    backs off (doubling from `retry_seconds`) and nacks to requeue; past
-    `delivery_limit` redeliveries the broker dead-letters the message to
-    `<work_queue>.dead` instead of looping on a poison message.
+    Work queues: one per kind of work (`<work_queue>.any`, `.cpu`, `.gpu`), each bound to
+    its `work.<kind>` key; quorum, prefetch 1. A subscriber's messages, over all the
+    queues it consumes, are handled one at a time (`_WorkGate`): a claimed message is
+    acked only after its consumers are cancelled, so no other work waits on a busy
+    trainer, and they consume again when the run ends. A failing claim backs off
+    (doubling from `retry_seconds`) and nacks to requeue; past `delivery_limit`
+    redeliveries the broker dead-letters the message to `<work_queue>.dead` instead of
+    looping on a poison message.
 
     Fan-out: one exclusive, auto-delete queue per subscriber with a uuid name; a failing
     handler drops the message (fan-out messages are hints, confirmed against the store).
@@ -103,22 +121,29 @@ class RabbitBus(Bus):
             on_reconnected=[self._resubscribed],
         )
         self._exchange = RabbitExchange(exchange, type=ExchangeType.TOPIC, durable=True)
+        names = work_queue_names(work_queue)
         self._dead = RabbitQueue(
-            f"{work_queue}.dead",
+            names["dead"],
             durable=True,
             arguments={"x-max-length": DEAD_LETTER_MAX, "x-overflow": "drop-head"},
         )
-        self._work = RabbitQueue(
-            work_queue,
-            queue_type=QueueType.QUORUM,
-            routing_key=WORK_KEYS[0],
-            arguments={
-                "x-delivery-limit": delivery_limit,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self._dead.name,
-            },
-        )
-        self._bindings: list[tuple[RabbitQueue, tuple[str, ...]]] = [(self._work, WORK_KEYS)]
+        self._work = {
+            kind: RabbitQueue(
+                names[kind],
+                queue_type=QueueType.QUORUM,
+                routing_key=work_key(kind),
+                arguments={
+                    "x-delivery-limit": delivery_limit,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self._dead.name,
+                },
+            )
+            for kind in WORK_QUEUES
+        }
+        self._bindings: list[tuple[RabbitQueue, tuple[str, ...]]] = [
+            (queue, (work_key(kind),)) for kind, queue in self._work.items()
+        ]
+        self._gates: list[_WorkGate] = []
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
         self._private_id = private_id
         self._fanouts: list[Handler] = []
@@ -126,7 +151,8 @@ class RabbitBus(Bus):
         self._stopping = asyncio.Event()
         self._connecting: asyncio.Task[None] | None = None
         self._telemetry_channel = Channel(publisher_confirms=False)
-        keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY)
+        self._depth_channel = Channel(publisher_confirms=False)
+        keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY, *map(work_key, WORK_QUEUES))
         self._publishers = {key: self._publisher(key) for key in keys}
 
     @property
@@ -137,14 +163,24 @@ class RabbitBus(Bus):
         """Queue name → the topic patterns it is bound to."""
         return {queue.name: keys for queue, keys in self._bindings}
 
-    def subscribe_work(self, handler: Handler) -> None:
-        self._broker.subscriber(
-            self._work,
-            self._exchange,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            title=f"{self._work.name}:consume",
-            description=_describe(handler, WORK_KEYS),
-        )(_work_consumer(handler, self._retry_seconds))
+    def subscribe_work(self, handler: WorkHandler, queues: Sequence[str] = WORK_QUEUES) -> None:
+        gate = _WorkGate(handler, self._retry_seconds)
+        for kind in queues:
+            queue = self._work[kind]
+            subscriber = self._broker.subscriber(
+                queue,
+                self._exchange,
+                ack_policy=AckPolicy.MANUAL,
+                title=f"{queue.name}:consume",
+                description=_describe(handler, (work_key(kind),)),
+            )
+            subscriber(gate.consume)
+            gate.subscribers.append(subscriber)
+        self._gates.append(gate)
+
+    async def stop_work(self) -> None:
+        for gate in self._gates:
+            await gate.close()
 
     def subscribe_fanout(self, keys: Sequence[str], handler: Handler) -> None:
         role = getattr(handler, "__name__", "fanout").strip("_")
@@ -223,7 +259,7 @@ class RabbitBus(Bus):
         try:
             await asyncio.wait_for(publishing, self._publish_seconds)
         except PublishError:
-            if key in WORK_KEYS:
+            if is_work(key):
                 raise
             log.debug("no queue for %s; dropped position %d", key, envelope.position)
 
@@ -250,6 +286,20 @@ class RabbitBus(Bus):
         except Exception:
             return False
 
+    async def work_depths(self) -> dict[str, WorkDepth]:
+        """Passive declares on a channel of their own: the broker's counts, now. Not robust:
+        aio-pika's robust channel keeps a queue declared robustly and answers a later
+        passive declare of it from that copy, with the counts of the first answer."""
+        if not self._started:
+            raise ConnectionError("the bus is not started (or its start failed)")
+        channel = await self._broker.config.channel_manager.get_channel(self._depth_channel)
+        depths = {}
+        for kind, queue in self._work.items():
+            declared = await channel.declare_queue(queue.name, passive=True, robust=False)
+            result = declared.declaration_result
+            depths[kind] = WorkDepth(result.message_count or 0, result.consumer_count or 0)
+        return depths
+
     async def _usable(self) -> bool:
         if not await self._broker.ping(timeout=PING_SECONDS):
             return False
@@ -268,7 +318,7 @@ class RabbitBus(Bus):
         )
 
 
-def _describe(handler: Handler, keys: Sequence[str]) -> str:
+def _describe(handler: Callable[..., object], keys: Sequence[str]) -> str:
     doc = (handler.__doc__ or "").strip().splitlines()
     return " ".join([*doc[:1], f"Bound to {', '.join(keys)}."])
 
@@ -280,55 +330,86 @@ def _fanout_consumer(handler: Handler) -> Consumer:
     return consume
 
 
-def _work_consumer(handler: Handler, retry_seconds: float) -> Consumer:
-    async def consume(envelope: Envelope, message: RabbitMessage) -> None:
-        try:
-            await handler(envelope)
-        except Exception:
-            await asyncio.sleep(_backoff(message, retry_seconds))
-            raise
+class _WorkGate:
+    """One work subscriber's consumers, one per queue it takes: one message at a time.
 
-    return consume
+    A message is claimed under a lock. A claim that gives a run cancels every consumer
+    of the gate before the ack frees the prefetch slot, so the broker delivers nothing
+    more to this subscriber while it runs; a message that reached another of its
+    consumers meanwhile goes back to its queue (one redelivery) for another trainer.
+    The consumers start again when the run ends, unless the gate was closed.
+    FastStream 0.7 has no public way to pause one subscriber from inside its handler
+    (`stop()` waits for that handler), so this cancels and restarts the aio-pika
+    consumer that FastStream started for it.
+    """
+
+    def __init__(self, handler: WorkHandler, retry_seconds: float) -> None:
+        self.handler, self.retry_seconds = handler, retry_seconds
+        self.subscribers: list[Any] = []
+        self.running: asyncio.Task[None] | None = None
+        self.closed = False
+        self._lock = asyncio.Lock()
+
+    async def consume(self, envelope: Envelope, message: RabbitMessage) -> None:
+        async with self._lock:
+            if self.running is not None or self.closed:
+                await self._pause()  # a consumer that came back meanwhile (a reconnect)
+                await message.nack(requeue=True)
+                return
+            try:
+                run = await self.handler(envelope)
+            except Exception:
+                log.exception("claiming job %s failed; it will be delivered again", envelope.job_id)
+                await asyncio.sleep(_backoff(message, self.retry_seconds))
+                await message.nack(requeue=True)
+                return
+            if run is None:
+                await message.ack()
+                return
+            await self._pause()
+            await message.ack()
+            self.running = asyncio.create_task(self._run(run, envelope))
+
+    async def _run(self, run: Awaitable[None], envelope: Envelope) -> None:
+        try:
+            await run
+        except Exception:
+            log.exception("the run of job %s failed", envelope.job_id)
+        finally:
+            self.running = None
+            if not self.closed:
+                await self._resume()
+
+    async def close(self) -> None:
+        """Take no more work: cancel the consumers for good (a held message goes back)."""
+        self.closed = True
+        async with self._lock:
+            await self._pause()
+
+    async def _pause(self) -> None:
+        for subscriber in self.subscribers:
+            queue, tag = subscriber._queue_obj, subscriber._consumer_tag
+            if queue is None or tag is None:
+                continue
+            try:  # a robust queue forgets the consumer first, so no reconnect restores it
+                await queue.cancel(tag)
+            except Exception as error:  # the channel is gone, and the consumer with it
+                log.debug("cancelling consumer %s: %r", tag, error)
+            subscriber._consumer_tag = None
+
+    async def _resume(self) -> None:
+        for subscriber in self.subscribers:
+            queue = subscriber._queue_obj
+            if queue is None or subscriber._consumer_tag is not None:
+                continue
+            try:
+                subscriber._consumer_tag = await queue.consume(
+                    subscriber.consume, no_ack=False, arguments=subscriber.consume_args
+                )
+            except Exception:
+                log.exception("consuming %s again failed", queue.name)
 
 
 def _backoff(message: RabbitMessage, retry_seconds: float) -> float:
     count = (message.raw_message.headers or {}).get("x-delivery-count", 0)
     return float(retry_seconds * 2 ** min(count if isinstance(count, int) else 0, 4))
-
-
-def asyncapi_app() -> FastStream:
-    """The bus as its services use it: `python -m shared.rabbit > docs/asyncapi.json`."""
-    bus = RabbitBus(DOCS_URL, private_id=lambda: "{uuid}")
-    bus.subscribe_work(_trainer_claims)
-    bus.subscribe_fanout(NUDGE_KEYS, _trainer_nudges)
-    bus.subscribe_fanout(ALL_KEYS, _api_live_events)
-    spec = AsyncAPI(
-        bus.broker,
-        title="Heimdall Training bus",
-        version=BUS_VERSION,
-        description="Every event of the training event store, published in store order by "
-        "the projector; message id = store position.",
-    )
-    return FastStream(bus.broker, specification=spec)
-
-
-async def _trainer_claims(envelope: Envelope) -> None:
-    """Trainers compete for runnable jobs (submitted, resume requested, worker lost)."""
-
-
-async def _trainer_nudges(envelope: Envelope) -> None:
-    """Each trainer hears pause and cancel requests, confirmed against the store."""
-
-
-async def _api_live_events(envelope: Envelope) -> None:
-    """Each api replica relays every event to its WebSocket clients."""
-
-
-def asyncapi_json() -> str:
-    """The AsyncAPI document, keys sorted so that regenerating it gives a stable diff."""
-    document = asyncapi_app().schema.to_specification().to_jsonable()
-    return json.dumps(document, indent=2, sort_keys=True)
-
-
-if __name__ == "__main__":
-    print(asyncapi_json())

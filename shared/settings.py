@@ -80,6 +80,17 @@ class Settings(BaseSettings):
         900.0, gt=0, description="a training thread silent this long is treated as hung"
     )
     worker_name: str = Field(default_factory=_default_worker)
+    trainer_kind: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="the work a trainer takes: gpu (jobs asking for a GPU, and auto ones),"
+        " cpu (jobs asking for the CPU, and auto ones); auto: gpu where CUDA sees a device",
+    )
+    sweep_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="how often the projector looks for runnable jobs whose work message"
+        " is missing, and how long a job must have waited to count",
+    )
     # Security and observability (README: Security and Observability).
     api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(
         (), description="name:KEY:role,... (viewer|operator); without keys: loopback only"

@@ -91,6 +91,7 @@ def job_json(row: Row, progress: Row | None = None) -> Row:
         out[name] = json.loads(row[name])
     out["archived"] = bool(row["archived"])
     out["progress"] = progress
+    out["waiting"] = None  # live-only, from the work queues: `ApiContext.job_view`
     return out
 
 

@@ -34,6 +34,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         stop = asyncio.Event()
         await context.bus.start()
         tasks = [asyncio.create_task(service(stop)) for service in background]
+        tasks.append(asyncio.create_task(context.queues.refresh_forever(context.bus, stop)))
         try:
             yield
         finally:
@@ -72,5 +73,5 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
         app.include_router(module.router)
     dashboard.install(app)
     docs.install(app)
-    metrics.install(app, context.jobs, context.reads)
+    metrics.install(app, context.jobs, context.reads, context.queues)
     return app

@@ -15,6 +15,7 @@ from services.api.availability import DatabaseWatch
 from services.api.commands import Commands
 from services.api.freshness import ReadFreshness
 from services.api.progress import ProgressBoard
+from services.api.queues import WorkQueues
 from shared.application import JobNotFoundError, TrainingJobs
 from shared.bus import Bus
 from shared.readmodel.store import ReadStore
@@ -35,10 +36,14 @@ class ApiContext:
     commands: Commands = field(init=False)
     watch: DatabaseWatch | None = None  # PostgreSQL only: SQLite is a local file
     progress: ProgressBoard = field(default_factory=ProgressBoard)  # fed by the hub
+    queues: WorkQueues = field(default_factory=WorkQueues)  # refreshed in the lifespan
 
     def job_view(self, row: Row) -> Row:
-        """A read row as the api returns it, with the running job's live `progress`."""
-        return job_json(row, self.progress.of(str(row["id"]), str(row["status"])))
+        """A read row as the api returns it, with the running job's live `progress` and
+        the queued job's `waiting` reason."""
+        view = job_json(row, self.progress.of(str(row["id"]), str(row["status"])))
+        view["waiting"] = self.queues.waiting(view["status"], view["config"])
+        return view
 
     def __post_init__(self) -> None:
         self.freshness = ReadFreshness(self.reads, self.settings.read_wait_seconds)

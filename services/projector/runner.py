@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from eventsourcing.persistence import Notification
 
 from services.projector.projection import JobsProjection
 from shared.application import TrainingJobs
-from shared.bus import Bus, Envelope
+from shared.bus import WORK_KEYS, Bus, Envelope, work_queue
+from shared.domainmodel import QUEUED
 from shared.logs import job_context
 from shared.metrics import EVENTS_PROJECTED, EVENTS_PUBLISHED
+from shared.readmodel.shapes import JobState
 from shared.readmodel.store import ReadStore
 from shared.waiting import retrying_until, wait_event
 
@@ -33,10 +36,11 @@ class Projector:
         bus: Bus,
         poll_seconds: float = 0.2,
         listen_url: str | None = None,
+        sweep_seconds: float = 30.0,
     ) -> None:
         self.app, self.store, self.bus = app, store, bus
         self.projection = JobsProjection(app, store)
-        self.poll_seconds = poll_seconds
+        self.poll_seconds, self.sweep_seconds = poll_seconds, sweep_seconds
         self.listen_url = listen_url
         self._wake = asyncio.Event()
         self._published_wake = asyncio.Event()
@@ -119,7 +123,11 @@ class Projector:
             for notification in batch:
                 if notification.id > positions["projected"]:
                     break
-                await self.bus.publish(Envelope.of(self.app.decode(notification)))
+                envelope = Envelope.of(self.app.decode(notification))
+                await self.bus.publish(envelope)
+                work = await asyncio.to_thread(self._work_for, envelope)
+                if work is not None:
+                    await self.bus.publish(work)
                 await asyncio.to_thread(self.store.record_published, notification.id)
                 EVENTS_PUBLISHED.inc()
                 published += 1
@@ -133,10 +141,11 @@ class Projector:
         publisher = asyncio.create_task(
             self._follow(stop, self.publish_pending, self._published_wake, "publishing")
         )
+        sweeper = asyncio.create_task(self._sweep_forever(stop))
         try:
             await self._follow(stop, self._project_then_nudge, self._wake, "projecting")
         finally:
-            for task in (listener, publisher):
+            for task in (listener, publisher, sweeper):
                 if task:
                     task.cancel()
             await asyncio.gather(publisher, return_exceptions=True)
@@ -164,6 +173,61 @@ class Projector:
                 return
             await wait_event(wake, self.poll_seconds)
             wake.clear()
+
+    def _work_for(self, envelope: Envelope) -> Envelope | None:
+        """The work message that follows an event leaving its job runnable, routed by what
+        the job needs (its config, from the event or else from the job's row)."""
+        if envelope.routing_key not in WORK_KEYS or envelope.status != QUEUED:
+            return None
+        config = envelope.data.get("config")
+        if not isinstance(config, dict):
+            row = self.store.get_job(envelope.job_id)
+            if row is None:
+                return None
+            config = JobState.model_validate(row).config
+        return Envelope.work(envelope.job_id, work_queue(config), envelope.position)
+
+    async def sweep(self, waited: float | None = None) -> int:
+        """Publish again the work messages of runnable jobs that may have none: for each work
+        queue, when it holds fewer ready messages than it has jobs queued for longer than
+        `waited` seconds (default `sweep_seconds`), every one of those jobs gets a message
+        (a duplicate is harmless: the trainer that takes it finds the job claimed, acks
+        and drops it). Returns how many it published. It never trains anything."""
+        depths = await self.bus.work_depths()
+        age = self.sweep_seconds if waited is None else waited
+        cutoff = datetime.now(UTC) - timedelta(seconds=age)
+        rows = await asyncio.to_thread(self.store.runnable_jobs, cutoff.isoformat())
+        waiting: dict[str, list[str]] = {}
+        for row in rows:
+            state = JobState.model_validate(row)
+            waiting.setdefault(work_queue(state.config), []).append(state.id)
+        published = 0
+        for queue, job_ids in waiting.items():
+            if depths[queue].ready >= len(job_ids):
+                continue
+            log.warning(
+                "work queue %s holds %d messages for %d runnable jobs: publishing theirs again",
+                queue,
+                depths[queue].ready,
+                len(job_ids),
+            )
+            for job_id in job_ids:
+                await self.bus.publish(Envelope.work(job_id, queue, actor="sweep"))
+                published += 1
+        return published
+
+    async def _sweep_forever(self, stop: asyncio.Event) -> None:
+        """The first sweep counts every runnable job, however recent: after a restart an
+        in-process bus holds nothing, and a job handed back by a stopping trainer just
+        before should not wait a sweep period to run again."""
+        waited: float | None = 0.0
+        while not stop.is_set():
+            try:
+                await self.sweep(waited)
+                waited = None
+            except Exception as error:
+                log.info("projector: sweep skipped (%r)", error)
+            await wait_event(stop, self.sweep_seconds)
 
     def _select(self, after: int) -> Sequence[Notification]:
         return self.app.recorder.select_notifications(after, BATCH, inclusive_of_start=False)

@@ -7,6 +7,7 @@ import ctypes
 import gc
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from uuid import UUID
 
@@ -20,76 +21,101 @@ from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
 from services.trainer.leases import LeaseBook
 from services.trainer.loop import DeviceUnavailableError, resolve_runtime
+from services.trainer.observe import BUSY, JOBS_RUN
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
 from shared.bootstrap import STORE_OUTAGES
-from shared.bus import NUDGE_KEYS, Bus, Envelope
+from shared.bus import NUDGE_KEYS, WORK_QUEUES_OF_TRAINER, Bus, Envelope
 from shared.config import FilesDataset, JobConfig
 from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
 from shared.logs import job_context
-from shared.metrics import BUSY, JOBS_RUN
 from shared.readmodel.store import ReadStore
 from shared.settings import Settings
 from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
-IDLE_SCAN_SECONDS = 2.0
 PREEMPT_REASON = "the trainer was asked to stop (SIGTERM or SIGINT)"
 
 
+class TrainerStoppingError(RuntimeError):
+    """A work message reached a trainer that is stopping: it goes back to its queue."""
+
+
+def trainer_kind(settings: Settings) -> str:
+    """`gpu` or `cpu`: the kind of work this trainer takes (`WORK_QUEUES_OF_TRAINER`)."""
+    if settings.trainer_kind != "auto":
+        return settings.trainer_kind
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 class Trainer:
-    """One job at a time. The work queue wakes it; the store decides who runs what."""
+    """One job at a time, from the work queues of its kind (DESIGN §1): a work message
+    names a job; the trainer claims it in the store, the bus acks the message, and the
+    trainer trains it off the event loop while the bus delivers it nothing else."""
 
     def __init__(self, settings: Settings, jobs: TrainingJobs, reads: ReadStore, bus: Bus) -> None:
         self.settings, self.jobs, self.reads, self.bus = settings, jobs, reads, bus
         self.worker = settings.worker_name
+        self.kind = trainer_kind(settings)
         self.leases = LeaseBook(reads, settings.lease_seconds)
         self.current: StoreHooks | None = None
         self._stopping = False
-        self._wake = asyncio.Event()
-        bus.subscribe_work(self.on_work)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        bus.subscribe_work(self.on_work, WORK_QUEUES_OF_TRAINER[self.kind])
         bus.subscribe_fanout(NUDGE_KEYS, self.on_nudge)
 
-    async def on_work(self, envelope: Envelope) -> None:
-        """A job may be runnable: look now (acked at once; the store holds the truth)."""
-        self._wake.set()
+    async def on_work(self, envelope: Envelope) -> Awaitable[None] | None:
+        """Trainers of the queue's kind compete for its jobs, one job each at a time.
+
+        Claims the job that the work message names and returns the job's run, or None
+        when it is not this trainer's to run (no longer queued, claimed by another, or
+        unusable and so failed): the message is then dropped. A store error or a
+        stopping trainer raises, and the message goes back to its queue."""
+        if self._stopping:
+            raise TrainerStoppingError(f"trainer {self.worker} is stopping")
+        with job_context(envelope.job_id):  # every log line of its claim and its run names it
+            claimed = await asyncio.to_thread(self._claim, UUID(envelope.job_id))
+        if claimed is None:
+            log.info(
+                "trainer %s: job %s is not runnable here; dropped", self.worker, envelope.job_id
+            )
+            return None
+        self._idle.clear()
+        return self._train_named(claimed)
+
+    async def _train_named(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
+        with job_context(str(claimed[0].id)):
+            await self._train(claimed)
 
     async def on_nudge(self, envelope: Envelope) -> None:
+        """Each trainer hears pause and cancel requests, confirmed against the store."""
         if self.current is not None and str(self.current.job_id) == envelope.job_id:
             self.current.nudged.set()
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """Take jobs until `stop`; then a running job is checkpointed at its next step
-        boundary and handed back (`Preempted`) before this returns."""
+        """Reap lapsed leases until `stop`; then take no more work, and a running job is
+        checkpointed at its next step boundary and handed back (`Preempted`) before this
+        returns. Jobs arrive through `on_work`, from the bus."""
         reaper = asyncio.create_task(self._reap_forever(stop))
-        preempter = asyncio.create_task(self._preempt_when(stop))
-        while not stop.is_set():
-            try:
-                ran = await self.run_next()
-            except Exception:
-                log.exception("trainer %s: looking for work failed", self.worker)
-                ran = False
-            if not ran:
-                await wait_event(self._wake, IDLE_SCAN_SECONDS)
-                self._wake.clear()
-        reaper.cancel()
-        preempter.cancel()
-
-    async def _preempt_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._stopping = True
+        await self.bus.stop_work()
         if self.current is not None:
             log.info("trainer %s stopping: preempting job %s", self.worker, self.current.job_id)
             self.current.preempting.set()
+        await self._idle.wait()
+        reaper.cancel()
 
     async def run_next(self) -> bool:
-        """Claim the oldest runnable job and train it; False when there was none."""
+        """Claim the oldest runnable job of the read table and train it; False when there
+        was none. Not how the service finds work (`on_work` is): a direct way in for tests
+        and benchmarks that drive one trainer step by step without a bus."""
         for job_id in await asyncio.to_thread(self.reads.queued_job_ids):
-            if self._stopping:
-                return False
-            with job_context(job_id):  # every log line of its claim and its run names it
+            with job_context(job_id):
                 claimed = await asyncio.to_thread(self._claim, UUID(job_id))
                 if claimed is not None:
+                    self._idle.clear()
                     await self._train(claimed)
                     return True
         return False
@@ -141,6 +167,7 @@ class Trainer:
             JOBS_RUN.labels(self.worker).inc()
             await asyncio.to_thread(self.leases.release, str(job.id), self.worker, hooks.attempt)
             await asyncio.to_thread(release_memory)
+            self._idle.set()
 
     def _run(self, job: TrainingJob, hooks: StoreHooks) -> None:
         config = JobConfig.model_validate(job.config)

@@ -198,6 +198,12 @@ class JobView(JobState):
         " heard it; never stored, so not in replay's comparison; null unless the job runs"
         " and its trainer has reported a step",
     )
+    waiting: str | None = Field(
+        None,
+        description="live-only: why a queued job has not started, from the work queues as"
+        " this api replica last saw them (no connected trainer takes its kind of work, or"
+        " all that do are busy); null unless queued",
+    )
 
 
 class JobRow(JobState):

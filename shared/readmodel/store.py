@@ -111,6 +111,16 @@ class ReadStore(ABC):
             rows = tx.fetchall("SELECT * FROM training_jobs WHERE id = ?", [job_id])
         return rows[0] if rows else None
 
+    def runnable_jobs(self, updated_before: str, limit: int = 1000) -> list[Row]:
+        """Queued jobs whose last event is older than `updated_before` (ISO-8601 UTC),
+        oldest first: what the projector's sweep checks against the work queues."""
+        with self.reading() as tx:
+            return tx.fetchall(
+                "SELECT * FROM training_jobs WHERE status = 'queued' AND updated_at < ?"
+                " ORDER BY created_at, id LIMIT ?",
+                [updated_before, limit],
+            )
+
     def queued_job_ids(self, limit: int = 20) -> list[str]:
         """Runnable jobs, oldest first: what a free trainer looks at besides its queue."""
         with self.reading() as tx:

@@ -281,3 +281,32 @@ def test_a_sigterm_hands_the_job_back_and_another_trainer_finishes_it(cluster: C
         "t2",
         handed_back["data"]["checkpoint_uri"],
     )
+
+
+def test_a_job_starts_and_ends_while_the_projector_is_down(cluster: Cluster) -> None:
+    """The trainer works from the work message, not from the read tables: once the
+    projector has published it, the job runs with the projector gone."""
+    job_id = cluster.submit(epochs=1)
+    app, reads = build_app(cluster.settings), build_read_store(cluster.settings)
+    try:
+        wait_until(
+            lambda: reads.positions()["published"] == app.recorder.max_notification_id(),
+            30,
+            "the projector to publish the submit",
+        )
+        cluster.services["projector"].kill()  # kill -9: it is down, and stays down
+        cluster.trainer("t1")
+        wait_until(
+            lambda: app.get_job(uuid.UUID(job_id)).status == "completed",
+            180,
+            "the job to complete in the store",
+        )
+        row = reads.get_job(job_id)
+        assert row is not None and row["status"] == "queued"  # nobody projected meanwhile
+        kinds = [e.kind for e in app.history(uuid.UUID(job_id))]
+        assert kinds[:2] == ["Submitted", "Started"] and kinds[-1] == "Completed", kinds
+    finally:
+        reads.close()
+    cluster.start("projector", "projector")
+    assert wait_status(cluster.client, job_id, FINISHED, timeout=60)["status"] == "completed"
+    assert_replay_equals_live(cluster.settings)

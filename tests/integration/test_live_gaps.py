@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared.bootstrap import build_app, build_read_store
+from shared.rabbit import work_queue_names
 from shared.settings import Settings
 from tests.conftest import RABBIT_URL
 from tests.faults import Proxy
@@ -56,7 +57,7 @@ async def forget(settings: Settings) -> None:
     """The broker drops the test's exchange and queues."""
     async with await aio_pika.connect(RABBIT_URL, timeout=5) as connection:
         channel = await connection.channel()
-        for queue in (settings.work_queue, f"{settings.work_queue}.dead"):
+        for queue in work_queue_names(settings.work_queue).values():
             await channel.queue_delete(queue)
         await channel.exchange_delete(settings.exchange)
 

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +16,16 @@ from typing import Any
 import aio_pika
 import pytest
 
-from shared.bus import ALL_KEYS, NUDGE_KEYS, RESUBSCRIBED_KEY, ROUTING_KEYS, WORK_KEYS, Envelope
+from shared.bus import (
+    ALL_KEYS,
+    NUDGE_KEYS,
+    RESUBSCRIBED_KEY,
+    ROUTING_KEYS,
+    WORK_QUEUES,
+    WORK_QUEUES_OF_TRAINER,
+    Envelope,
+    WorkDepth,
+)
 from shared.rabbit import START_WAIT_SECONDS, RabbitBus
 from tests.faults import Proxy
 from tests.integration.conftest import RABBIT_URL
@@ -45,8 +54,8 @@ def envelope(position: int, kind: str = "Submitted") -> Envelope:
     )
 
 
-def kinds_for(keys: Iterable[str]) -> list[str]:
-    return [kind for kind, key in ROUTING_KEYS.items() if key in keys]
+def work(position: int, queue: str = "any") -> Envelope:
+    return Envelope.work(str(uuid.uuid4()), queue, position)
 
 
 @dataclass
@@ -108,7 +117,7 @@ async def amqp() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
 async def names(amqp: aio_pika.abc.AbstractChannel) -> AsyncIterator[Names]:
     names = Names(exchange=f"test.{uuid.uuid4().hex}", work=f"test.{uuid.uuid4().hex}.work")
     yield names
-    for queue in (names.work, f"{names.work}.dead"):
+    for queue in (*(f"{names.work}.{q}" for q in WORK_QUEUES), f"{names.work}.dead"):
         await amqp.queue_delete(queue)
     await amqp.exchange_delete(names.exchange)
 
@@ -168,13 +177,12 @@ async def test_work_goes_to_exactly_one_of_two_competing_trainers(
         await bus.start()
     publisher = make_bus()
     await publisher.start()
-    kinds = kinds_for(WORK_KEYS)
     for position in range(1, 31):
-        await publisher.publish(envelope(position, kinds[position % len(kinds)]))
+        await publisher.publish(work(position))
     assert await until(lambda: len(first.received) + len(second.received) >= 30)
     for bus in trainers:  # an unacked delivery would go back to the queue now
         await bus.stop()
-    queue = await amqp.declare_queue(names.work, passive=True)
+    queue = await amqp.declare_queue(f"{names.work}.any", passive=True)
     assert queue.declaration_result.message_count == 0
     positions = first.positions + second.positions
     assert sorted(positions) == list(range(1, 31))
@@ -211,9 +219,10 @@ async def test_a_work_message_with_no_queue_raises(
 ) -> None:
     bus = make_bus()
     await bus.start()
-    await amqp.queue_delete(names.work)
+    await amqp.queue_delete(f"{names.work}.gpu")
     with pytest.raises(aio_pika.exceptions.PublishError):
-        await bus.publish(envelope(1, "Submitted"))
+        await bus.publish(work(1, "gpu"))
+    await bus.publish(envelope(2, "Submitted"))  # the event itself may have no listener
 
 
 async def test_an_unreachable_broker_is_waited_for_in_the_background(
@@ -239,9 +248,9 @@ async def test_work_waits_in_the_durable_queue_for_a_trainer(
 ) -> None:
     projector = make_bus()
     await projector.start()
-    await projector.publish(envelope(7))
+    await projector.publish(work(7))
     await projector.stop()
-    queue = await amqp.declare_queue(names.work, passive=True)
+    queue = await amqp.declare_queue(f"{names.work}.any", passive=True)
     assert queue.declaration_result.message_count == 1
     inbox = Inbox()
     trainer = make_bus()
@@ -262,7 +271,7 @@ async def test_a_poison_work_message_is_dead_lettered_after_the_delivery_limit(
     trainer = make_bus(delivery_limit=2)
     trainer.subscribe_work(fail)
     await trainer.start()
-    await trainer.publish(envelope(5))
+    await trainer.publish(work(5))
 
     async def dead_lettered() -> bool:
         dead = await amqp.declare_queue(f"{names.work}.dead", passive=True)
@@ -270,6 +279,118 @@ async def test_a_poison_work_message_is_dead_lettered_after_the_delivery_limit(
 
     assert await eventually(dead_lettered, 10)
     assert calls == [5, 5, 5]
+
+
+work_message = work  # where a test's own inbox is named `work`
+
+
+async def test_work_goes_only_to_a_trainer_of_the_kind_it_needs(make_bus: BusFactory) -> None:
+    cpu = Inbox()
+    trainer, projector = make_bus(), make_bus()
+    trainer.subscribe_work(cpu, WORK_QUEUES_OF_TRAINER["cpu"])
+    for bus in (trainer, projector):
+        await bus.start()
+    for position, queue in enumerate(("gpu", "cpu", "any"), start=1):
+        await projector.publish(work(position, queue))
+    assert sorted(await cpu.wait(2)) == [2, 3]
+    depths = await projector.work_depths()
+    assert depths["gpu"] == WorkDepth(1, 0)  # it waits, and the broker says so
+    assert depths["cpu"].consumers == depths["any"].consumers == 1
+
+
+async def test_a_busy_trainer_holds_no_other_work_while_its_run_goes_on(
+    make_bus: BusFactory,
+) -> None:
+    release = asyncio.Event()
+    claimed: list[int] = []
+
+    async def claim(envelope: Envelope) -> Awaitable[None]:
+        claimed.append(envelope.position)
+        return until_released(release)
+
+    busy, projector = make_bus(), make_bus()
+    busy.subscribe_work(claim, WORK_QUEUES_OF_TRAINER["gpu"])  # two queues, one gate
+    for bus in (busy, projector):
+        await bus.start()
+    await projector.publish(work(1, "gpu"))
+    assert await until(lambda: claimed == [1])
+    await projector.publish(work(2, "any"))
+    await projector.publish(work(3, "gpu"))
+    assert await eventually(lambda: ready(projector, "any", 1))
+    assert await eventually(lambda: ready(projector, "gpu", 1))
+    free = Inbox()
+    other = make_bus()
+    other.subscribe_work(free, WORK_QUEUES_OF_TRAINER["gpu"])
+    await other.start()
+    assert sorted(await free.wait(2)) == [2, 3]  # taken by the free one, meanwhile
+    assert claimed == [1]
+    release.set()
+
+    await projector.publish(work(4, "gpu"))
+    assert await until(lambda: 4 in claimed or 4 in free.positions)
+    assert await eventually(lambda: consumers(projector, "gpu", 2))  # both consume again
+
+
+async def test_a_reconnect_during_a_run_brings_no_work_to_the_busy_trainer(
+    make_bus: BusFactory, rabbit_proxy: Proxy
+) -> None:
+    release = asyncio.Event()
+    claimed: list[int] = []
+
+    async def claim(envelope: Envelope) -> Awaitable[None]:
+        claimed.append(envelope.position)
+        return until_released(release)
+
+    busy, projector = make_bus(rabbit_proxy.url), make_bus()
+    busy.subscribe_work(claim)
+    for bus in (busy, projector):
+        await bus.start()
+    await projector.publish(work(1))
+    assert await until(lambda: claimed == [1])
+    rabbit_proxy.cut(stay_down=True)  # its connection drops mid-run
+    assert await eventually(lambda: down(busy))
+    rabbit_proxy.open()  # and comes back: the robust channel restores what it knows
+    assert await eventually(busy.healthy, 30)
+    await projector.publish(work(2))
+    assert await eventually(lambda: ready(projector, "any", 1))  # not restored: not sent
+    assert claimed == [1]
+    release.set()
+    assert await until(lambda: claimed == [1, 2], 15)  # consuming again after the run
+
+
+async def test_a_message_held_by_a_trainer_that_died_reaches_another(
+    make_bus: BusFactory, rabbit_proxy: Proxy
+) -> None:
+    stuck: list[int] = []
+
+    async def hang(envelope: Envelope) -> None:
+        stuck.append(envelope.position)
+        await asyncio.Event().wait()  # dies mid-claim: never acks
+
+    dying, projector = make_bus(rabbit_proxy.url), make_bus()
+    dying.subscribe_work(hang)
+    for bus in (dying, projector):
+        await bus.start()
+    await projector.publish(work(9))
+    assert await until(lambda: stuck == [9])
+    rabbit_proxy.cut(stay_down=True)  # its connection is gone, as with kill -9
+    survivor = Inbox()
+    other = make_bus()
+    other.subscribe_work(survivor)
+    await other.start()
+    assert await survivor.wait(1, seconds=30) == [9]
+
+
+async def until_released(release: asyncio.Event) -> None:
+    await release.wait()
+
+
+async def ready(bus: RabbitBus, queue: str, count: int) -> bool:
+    return (await bus.work_depths())[queue].ready == count
+
+
+async def consumers(bus: RabbitBus, queue: str, count: int) -> bool:
+    return (await bus.work_depths())[queue].consumers == count
 
 
 async def test_health_follows_the_connection(make_bus: BusFactory) -> None:
@@ -290,13 +411,13 @@ async def test_consumers_and_bindings_come_back_after_the_connection_drops(
     bus.subscribe_work(work)
     bus.subscribe_fanout(NUDGE_KEYS, nudges)
     await bus.start()
-    await bus.publish(envelope(1, "Submitted"))
+    await bus.publish(work_message(1))
     await bus.publish(envelope(2, "PauseRequested"))
     assert await work.wait(1) == [1]
     assert await nudges.wait(1) == [2]
     rabbit_proxy.cut()
     assert await nudges.told(), "the bus never said the nudge queue is back"
-    await bus.publish(envelope(3, "WorkerLost"))
+    await bus.publish(work_message(3))
     await bus.publish(envelope(4, "CancelRequested"))
     assert await until(lambda: 3 in work.positions and 4 in nudges.positions)
     assert nudges.log == [2, TOLD, 4]

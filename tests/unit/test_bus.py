@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -16,8 +16,11 @@ from shared.bus import (
     NUDGE_KEYS,
     ROUTING_KEYS,
     WORK_KEYS,
+    WORK_QUEUES,
+    WORK_QUEUES_OF_TRAINER,
     Envelope,
     InProcessBus,
+    WorkDepth,
     matches,
     routing_key,
     websocket_event,
@@ -127,38 +130,112 @@ async def settle(bus: InProcessBus) -> None:
     await until(lambda: not bus._tasks)
 
 
+def work(position: int, queue: str = "any") -> Envelope:
+    return Envelope.work(str(uuid.uuid4()), queue, position)
+
+
 async def test_work_goes_to_exactly_one_subscriber_round_robin() -> None:
     bus, inboxes = InProcessBus(), [Inbox(), Inbox(), Inbox()]
     for inbox in inboxes:
         bus.subscribe_work(inbox)
     await bus.start()
-    kinds = ["Submitted", "ResumeRequested", "WorkerLost"] * 3
-    for position, kind in enumerate(kinds, start=1):
-        await bus.publish(envelope(position, kind))
-    await settle(bus)
+    for position in range(1, 10):
+        await bus.publish(work(position, WORK_QUEUES[position % len(WORK_QUEUES)]))
+        await settle(bus)
     assert [inbox.positions for inbox in inboxes] == [[1, 4, 7], [2, 5, 8], [3, 6, 9]]
+    assert (await bus.work_depths()) == {q: WorkDepth(0, 3) for q in WORK_QUEUES}
     await bus.stop()
 
 
-async def test_non_work_keys_never_reach_work_subscribers() -> None:
-    bus, worker = InProcessBus(), Inbox()
+async def test_event_keys_never_reach_work_subscribers_nor_work_the_fanouts() -> None:
+    bus, worker, everything = InProcessBus(), Inbox(), Inbox()
     bus.subscribe_work(worker)
-    others = [k for k, key in ROUTING_KEYS.items() if key not in WORK_KEYS]
-    for position, kind in enumerate(others, start=1):
+    bus.subscribe_fanout(["#"], everything)
+    for position, kind in enumerate(ROUTING_KEYS, start=1):
         await bus.publish(envelope(position, kind))
-    await bus.publish(envelope(99, "Submitted"))
+    await bus.publish(work(99))
     await settle(bus)
     assert worker.positions == [99]
+    assert sorted(everything.positions) == list(range(1, len(ROUTING_KEYS) + 1))
+
+
+async def test_a_subscriber_gets_no_work_while_its_last_run_goes_on() -> None:
+    bus, release = InProcessBus(), asyncio.Event()
+    claimed: list[int] = []
+
+    async def take(message: Envelope) -> Awaitable[None]:
+        claimed.append(message.position)
+        return until_released(release)
+
+    bus.subscribe_work(take)
+    for position in (1, 2, 3):
+        await bus.publish(work(position))
+    await settle_briefly()
+    assert claimed == [1]
+    assert (await bus.work_depths())["any"] == WorkDepth(2, 1)
+    release.set()
+    await until(lambda: claimed == [1, 2, 3])
+    await bus.stop()
+
+
+async def test_work_goes_only_to_the_kind_of_trainer_that_can_run_it() -> None:
+    bus, cpu, gpu = InProcessBus(), Inbox(), Inbox()
+    bus.subscribe_work(cpu, WORK_QUEUES_OF_TRAINER["cpu"])
+    await bus.publish(work(1, "gpu"))
+    await bus.publish(work(2, "cpu"))
+    await bus.publish(work(3, "any"))
+    await settle(bus)
+    assert cpu.positions == [2, 3]
+    assert (await bus.work_depths())["gpu"] == WorkDepth(1, 0)  # waits, and says so
+    bus.subscribe_work(gpu, WORK_QUEUES_OF_TRAINER["gpu"])
+    await bus.publish(work(4, "cpu"))
+    await settle(bus)
+    assert gpu.positions == [1] and cpu.positions == [2, 3, 4]
+
+
+async def test_a_failing_claim_puts_the_message_back_for_later() -> None:
+    bus = InProcessBus(retry_seconds=0.01)
+    calls: list[int] = []
+
+    async def flaky(message: Envelope) -> None:
+        calls.append(message.position)
+        if len(calls) < 3:
+            raise ConnectionError("store down")
+
+    bus.subscribe_work(flaky)
+    await bus.publish(work(5))
+    await until(lambda: len(calls) == 3)
+    await settle(bus)
+    assert calls == [5, 5, 5]
+    assert (await bus.work_depths())["any"].ready == 0
+
+
+async def test_a_stopped_subscriber_takes_no_more_work() -> None:
+    bus, inbox = InProcessBus(), Inbox()
+    bus.subscribe_work(inbox)
+    await bus.stop_work()
+    await bus.publish(work(1))
+    await settle(bus)
+    assert inbox.positions == []
+    assert (await bus.work_depths())["any"] == WorkDepth(1, 0)
+
+
+async def until_released(release: asyncio.Event) -> None:
+    await release.wait()
+
+
+async def settle_briefly() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 async def test_fanout_reaches_every_matching_subscriber_and_no_other() -> None:
     bus = InProcessBus()
-    everything, nudges, progress, nothing, worker = Inbox(), Inbox(), Inbox(), Inbox(), Inbox()
+    everything, nudges, progress, nothing = Inbox(), Inbox(), Inbox(), Inbox()
     bus.subscribe_fanout(ALL_KEYS, everything)
     bus.subscribe_fanout(NUDGE_KEYS, nudges)
     bus.subscribe_fanout(["*.progress", "training.completed"], progress)
     bus.subscribe_fanout(["other.#"], nothing)
-    bus.subscribe_work(worker)
     sent = ["Submitted", "PauseRequested", "EpochCompleted", "CancelRequested", "Completed"]
     for position, kind in enumerate(sent, start=1):
         await bus.publish(envelope(position, kind))
@@ -167,7 +244,6 @@ async def test_fanout_reaches_every_matching_subscriber_and_no_other() -> None:
     assert sorted(nudges.positions) == [2, 4]
     assert sorted(progress.positions) == [3, 5]
     assert nothing.positions == []
-    assert worker.positions == [1]  # work keys go to a work subscriber and to fan-out too
 
 
 async def test_work_without_subscribers_is_dropped_quietly() -> None:

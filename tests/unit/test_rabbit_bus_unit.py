@@ -13,8 +13,9 @@ import pytest
 from faststream.rabbit import RabbitExchange, TestRabbitBroker, testing
 from faststream.rabbit.subscriber import RabbitSubscriber
 
-from shared.bus import ALL_KEYS, NUDGE_KEYS, ROUTING_KEYS, WORK_KEYS, Envelope, matches
-from shared.rabbit import RabbitBus, asyncapi_json
+from services.asyncapi import asyncapi_json
+from shared.bus import ALL_KEYS, NUDGE_KEYS, ROUTING_KEYS, WORK_QUEUES, Envelope, matches, work_key
+from shared.rabbit import RabbitBus
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.json"
 
@@ -77,13 +78,16 @@ async def inboxes(bus: RabbitBus) -> AsyncIterator[dict[str, Inbox]]:
         yield inboxes
 
 
-async def test_work_keys_reach_the_work_queue_and_nudges_the_nudge_queue(
+async def test_work_reaches_the_work_queues_and_events_the_fanouts_only(
     bus: RabbitBus, inboxes: dict[str, Inbox]
 ) -> None:
     sent = [envelope(p, kind) for p, kind in enumerate(ROUTING_KEYS, start=1)]
     for item in sent:
         await bus.publish(item)
-    assert inboxes["work"].keys == [k for k in ROUTING_KEYS.values() if k in WORK_KEYS]
+    work = [Envelope.work(str(uuid.uuid4()), queue, 100 + n) for n, queue in enumerate(WORK_QUEUES)]
+    for item in work:
+        await bus.publish(item)
+    assert inboxes["work"].keys == [work_key(queue) for queue in WORK_QUEUES]
     assert inboxes["nudges"].keys == [k for k in ROUTING_KEYS.values() if k in NUDGE_KEYS]
     assert inboxes["all"].received == sent
 
@@ -91,7 +95,8 @@ async def test_work_keys_reach_the_work_queue_and_nudges_the_nudge_queue(
 def test_the_bus_binds_its_queues_to_the_keys_it_was_given(bus: RabbitBus) -> None:
     bus.subscribe_fanout(NUDGE_KEYS, Inbox())
     bindings = bus.bindings()
-    assert bindings.pop("heimdall.training.work") == WORK_KEYS
+    for queue in WORK_QUEUES:
+        assert bindings.pop(f"heimdall.training.work.{queue}") == (work_key(queue),)
     ((name, keys),) = bindings.items()
     assert name.startswith("test.") and keys == NUDGE_KEYS
 
@@ -102,5 +107,5 @@ async def test_publish_before_start_raises(bus: RabbitBus) -> None:
 
 
 def test_the_committed_asyncapi_document_matches_the_bus() -> None:
-    """On drift: `make asyncapi` (`python -m shared.rabbit > docs/asyncapi.json`)."""
+    """On drift: `make asyncapi` (`python -m services.asyncapi > docs/asyncapi.json`)."""
     assert json.loads(DOCS.read_text()) == json.loads(asyncapi_json())

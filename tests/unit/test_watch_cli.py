@@ -87,3 +87,13 @@ def test_the_bar_names_the_running_epoch_and_ends_on_the_final_state() -> None:
         task = progress.tasks[0]
     assert "(completed) epoch 3/3" in task.description and task.completed == task.total == 3
     assert (watcher.fields["step"], watcher.fields["eta"], watcher.fields["speed"]) == ("-",) * 3
+
+
+def test_a_queued_job_says_once_why_it_waits() -> None:
+    console = Console(record=True, width=200)
+    reason = "no connected trainer takes jobs that need a GPU (accelerator: gpu)"
+    with Progress(console=console) as progress:
+        watcher = Watcher(JOB, progress)
+        watcher.handle(status(status="queued", waiting=reason))
+        watcher.handle(status(status="queued", waiting=reason))
+    assert console.export_text().count(f"queued: {reason}") == 1

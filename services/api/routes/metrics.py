@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from services.api.queues import WorkQueues
 from shared.application import TrainingJobs
 from shared.metrics import StoreCollector
 from shared.readmodel.store import ReadStore
@@ -22,8 +23,10 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-def install(app: FastAPI, jobs: TrainingJobs, reads: ReadStore) -> None:
-    """The route, and this app's own view of the store (each app has its own store)."""
+def install(app: FastAPI, jobs: TrainingJobs, reads: ReadStore, queues: WorkQueues) -> None:
+    """The route, and this app's own view of the store and of the work queues (each app
+    has its own)."""
     app.state.scraped = CollectorRegistry()
     app.state.scraped.register(StoreCollector(jobs, reads, job_counts=True))
+    app.state.scraped.register(queues)
     app.include_router(router)

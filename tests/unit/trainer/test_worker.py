@@ -30,7 +30,8 @@ class Stack:
         self.settings = settings.model_copy(update={"worker_name": worker})
         self.jobs: TrainingJobs = build_app(self.settings)
         self.reads: ReadStore = build_read_store(self.settings)
-        self.trainer = Trainer(self.settings, self.jobs, self.reads, InProcessBus())
+        self.bus = InProcessBus()
+        self.trainer = Trainer(self.settings, self.jobs, self.reads, self.bus)
 
     def submit(self, **config: Any) -> UUID:
         """A job straight into the store, as an older api (or a changed trainer) left it."""
@@ -38,7 +39,12 @@ class Stack:
         return self.jobs.submit("w", "", fields, "tester").job.id
 
     async def project(self) -> None:
+        """The read tables, current; no work message sent (`run_next` finds the job)."""
         await Projector(self.jobs, self.reads, InProcessBus()).project_pending()
+
+    async def deliver(self) -> None:
+        """Project and publish what is new: work messages reach this stack's trainer."""
+        await Projector(self.jobs, self.reads, self.bus).catch_up()
 
     def kinds(self, job_id: UUID) -> list[str]:
         return [e.kind for e in self.jobs.history(job_id)]
@@ -117,9 +123,9 @@ async def test_a_stopped_trainer_hands_its_job_back_and_another_resumes_it(
     stack: Stack, sqlite_settings: Settings
 ) -> None:
     job_id = stack.submit(epochs=3, dataset={"samples": 256, "n_mels": 16, "frames": 16})
-    await stack.project()
     stop = asyncio.Event()
     running = asyncio.create_task(stack.trainer.run_forever(stop))
+    await stack.deliver()
     deadline = time.monotonic() + 120
     while (hooks := stack.trainer.current) is None or hooks.last_step is None:
         assert time.monotonic() < deadline and not running.done()
