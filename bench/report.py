@@ -440,6 +440,53 @@ def _memory(b: Figures) -> str:
     )
 
 
+def _sum_openloop(f: Figures) -> list[list[str]]:
+    a, b, g = f["api"], f["bare"], f["goals"]
+    label = f"{num(f['offered_per_s'])} requests/s offered, open loop:"
+    rows = []
+    for name, key, ratio_key, limit, at_least in (
+        ("GET p99 ms", "get_p99_ms", "ratio_get_p99", g["get_p99"], False),
+        ("POST p99 ms", "post_p99_ms", "ratio_post_p99", g["post_p99"], False),
+        ("served per s", "served_per_s", "ratio_served", g["served"], True),
+    ):
+        value = f[ratio_key]
+        ok = value >= limit if at_least else value <= limit
+        goal = f"{'≥' if at_least else '≤'} {limit}"
+        rows.append([f"{label} {name}", num(a[key]), num(b[key]), num(value, 2), goal, met(ok)])
+    return rows
+
+
+def _openloop(f: Figures) -> str:
+    a, b, lag = f["api"], f["bare"], f["projector_lag"]
+    rows = [
+        [name]
+        + [num(side[k]) for k in ("get_p50_ms", "get_p99_ms", "post_p50_ms", "post_p99_ms")]
+        + [num(side["served_per_s"]), num(side["cpu_ms_per_request"], 2), str(side["failed"])]
+        for name, side in (("api + projector", a), ("bare Starlette + psycopg", b))
+    ]
+    head = [
+        "side",
+        "GET p50",
+        "GET p99",
+        "POST p50",
+        "POST p99",
+        "served/s",
+        "CPU ms/req",
+        "failed",
+    ]
+    return (
+        "## 10. Open-loop mixed load (`bench/openloop.py`)\n\n"
+        f"{num(f['offered_per_s'])} requests/s offered (Poisson arrivals; 80 % `GET"
+        f" /jobs?limit=20`, 20 % `POST /jobs`; at most {f['clients']} connections; latency"
+        f" from the scheduled arrival), {f['rounds']} rounds of {num(f['seconds_per_round'])} s"
+        f" per side, alternating, over {f['jobs_listed_from']} jobs. Medians over rounds;"
+        " milliseconds.\n\n"
+        + table(head, rows)
+        + f"\nProjector lag under this load (store → read table): p50 {num(lag.get('p50_ms'))}"
+        f" ms, p99 {num(lag.get('p99_ms'))} ms over {lag['events']} events.\n"
+    )
+
+
 QUERY_LABELS = {"list_jobs": "GET /jobs?limit=50", "job_metrics": "GET /jobs/{id}/metrics"}
 SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "trainer": _sum_trainer,
@@ -450,6 +497,7 @@ SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "load": _sum_load,
     "gpu": _sum_gpu,
     "ml": _sum_ml,
+    "openloop": _sum_openloop,
 }
 SECTIONS: dict[str, Callable[[Figures], str]] = {
     "trainer": _trainer,
@@ -460,4 +508,5 @@ SECTIONS: dict[str, Callable[[Figures], str]] = {
     "load": _load,
     "gpu": _gpu,
     "ml": _ml,
+    "openloop": _openloop,
 }

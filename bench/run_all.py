@@ -32,6 +32,7 @@ BENCHES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
     ("replay", "bench.replay", (), 240),
     ("live", "bench.live", (), 240),
     ("load", "bench.load", (), 180),
+    ("openloop", "bench.openloop", (), 600),
     ("gpu", "bench.gpu", ("--cpu",), 300),
     ("ml", "bench.ml", (), 1800),
 )
