@@ -367,8 +367,11 @@ class _WorkGate:
                 await message.ack()
                 return
             await self._pause()
-            await message.ack()
-            self.running = asyncio.create_task(self._run(run, envelope))
+            self.running = asyncio.create_task(self._run(run, envelope))  # the claim is ours
+            try:
+                await message.ack()
+            except Exception as error:  # redelivered elsewhere, then dropped: claimed here
+                log.warning("acking the work of job %s failed: %r", envelope.job_id, error)
 
     async def _run(self, run: Awaitable[None], envelope: Envelope) -> None:
         try:
