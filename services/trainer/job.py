@@ -49,8 +49,8 @@ from services.trainer.loop import (
     Geo,
     Runtime,
     Split,
+    StepParts,
     Tally,
-    Trainer,
     epoch_batches,
     epoch_train_metrics,
     resolve_runtime,
@@ -78,7 +78,7 @@ class _Job:
     data: RFData
     train: Split
     val: Split
-    trainer: Trainer
+    step: StepParts
     parts: Stateful
     progress: Progress
     checkpoint: str | None
@@ -166,14 +166,14 @@ def _prepare(
     )
     step_model = cast(nn.Module, torch.compile(model)) if config.compile else model
     geo = Geo(data.centre, data.scale)
-    trainer = Trainer(
+    step = StepParts(
         step_model, parts.optimizer, parts.scaler, parts.schedule, runtime, geo,
         config.max_grad_norm, config.accuracy_radius_m,
     )  # fmt: skip
     checkpoint = str(resume_from.resolve()) if resume_from else None
     checkpoints = workdir / CHECKPOINT_DIR
     return _Job(
-        config, workdir, data, train, val, trainer, parts, progress, checkpoint, started,
+        config, workdir, data, train, val, step, parts, progress, checkpoint, started,
         checkpoints, _baselines(data, config),
     )  # fmt: skip
 
@@ -268,7 +268,7 @@ def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
         control = hooks.check(StepInfo(epoch, step, steps, loss, speed))
         return control is not Control.CONTINUE
 
-    train_one_epoch(job.trainer, _epoch_train(job, epoch), plan, tally, stop)
+    train_one_epoch(job.step, _epoch_train(job, epoch), plan, tally, stop)
     p.step, p.tally = tally.steps, tally.as_dict()
     return control
 
@@ -321,7 +321,7 @@ def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
 
     Throughput counts training steps only; `epoch_duration_seconds` runs from `job.mark`.
     """
-    cfg, t, epoch = job.config, job.trainer, job.progress.epoch + 1
+    cfg, t, epoch = job.config, job.step, job.progress.epoch + 1
     started = time.perf_counter()
     val = validate(
         t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m, epoch

@@ -206,8 +206,9 @@ def _upload(t: Tensor, device: torch.device) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Trainer:
-    """What a training step needs besides the batch."""
+class StepParts:
+    """What a training step needs besides the batch (the loop's state; the service that
+    takes jobs is `services.trainer.worker.Trainer`)."""
 
     model: nn.Module
     optimizer: Optimizer
@@ -244,7 +245,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor
 
 
 def train_one_epoch(
-    t: Trainer, data: Split, plan: EpochPlan, tally: Tally, stop: StopAfter
+    t: StepParts, data: Split, plan: EpochPlan, tally: Tally, stop: StopAfter
 ) -> bool:
     """Train on the plan's batches, updating `tally`; True if `stop` said so.
 
@@ -281,7 +282,7 @@ def _read(value: Tensor) -> float:
     return to_host(value)[0]
 
 
-def _step(t: Trainer, batch: Batch) -> StepNumbers:
+def _step(t: StepParts, batch: Batch) -> StepNumbers:
     """One optimizer step; nothing in it waits for the device."""
     with t.runtime.autocast():
         out = t.model(batch.inputs)

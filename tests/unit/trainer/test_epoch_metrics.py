@@ -19,8 +19,8 @@ from services.trainer.loop import (
     Geo,
     Runtime,
     Split,
+    StepParts,
     Tally,
-    Trainer,
     epoch_batches,
     epoch_train_metrics,
     train_one_epoch,
@@ -109,7 +109,7 @@ def test_each_epoch_records_exactly_the_declared_fields(
 
 def test_train_rmse_is_the_root_mean_square_distance_of_the_epoch() -> None:
     data, model = _random_split(12, seed=1), Passthrough()
-    trainer = Trainer(
+    trainer = StepParts(
         model, torch.optim.AdamW(model.parameters(), lr=1e-3),
         torch.amp.GradScaler("cpu", enabled=False), LrSchedule("none", 1e-3, 1, 3, 0),
         CPU, GEO, None, 5000.0,

@@ -21,8 +21,8 @@ from services.trainer.loop import (
     Geo,
     Runtime,
     Split,
+    StepParts,
     Tally,
-    Trainer,
     epoch_batches,
     epoch_train_metrics,
     haversine_m,
@@ -46,11 +46,11 @@ def _data(n: int = N, seed: int = 0) -> Split:
     return Split(torch.randn(n, 1, 4, 4, generator=g), targets, GEO.degrees(targets))
 
 
-def _trainer(model: nn.Module, runtime: Runtime = CPU) -> Trainer:
+def _trainer(model: nn.Module, runtime: Runtime = CPU) -> StepParts:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=runtime.cuda or None)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
     schedule = LrSchedule("cosine", 1e-2, 1, N // BATCH, 0)
-    return Trainer(model, optimizer, scaler, schedule, runtime, GEO, 1.0, 20_000.0)
+    return StepParts(model, optimizer, scaler, schedule, runtime, GEO, 1.0, 20_000.0)
 
 
 def _model() -> nn.Module:
@@ -62,7 +62,7 @@ def _plan() -> EpochPlan:
     return EpochPlan(1, epoch_batches(N, BATCH, 0, 1))
 
 
-def _per_step_reference(t: Trainer, data: Split, plan: EpochPlan) -> Metrics:
+def _per_step_reference(t: StepParts, data: Split, plan: EpochPlan) -> Metrics:
     """The epoch's metrics as the loop used to get them: every step read back to the host."""
     totals = {"samples": 0, "loss": 0.0, "hits": 0, "norms": 0.0, "finite": 0, "sq": 0.0}
     params = list(t.model.parameters())
@@ -225,7 +225,7 @@ def test_on_the_cpu_the_data_stays_where_it_is() -> None:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _gpu_trainer(precision: str) -> tuple[Trainer, Split]:
+def _gpu_trainer(precision: str) -> tuple[StepParts, Split]:
     config = tiny_config(accelerator="gpu", precision=precision)
     runtime = resolve_runtime("gpu", precision)
     model = build_model(config, 7, (16, 16)).to(runtime.device)
@@ -236,7 +236,7 @@ def _gpu_trainer(precision: str) -> tuple[Trainer, Split]:
     g = torch.Generator().manual_seed(0)
     targets = torch.randn(128, 2, generator=g) * 0.3
     data = Split(torch.randn(128, 7, 16, 16, generator=g), targets, GEO.degrees(targets))
-    return Trainer(model, optimizer, scaler, schedule, runtime, GEO, 1.0, 20_000.0), data
+    return StepParts(model, optimizer, scaler, schedule, runtime, GEO, 1.0, 20_000.0), data
 
 
 @needs_cuda
