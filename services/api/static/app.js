@@ -290,7 +290,8 @@ function showJob(job) {
   badge($("d-status"), job.status);
   const best = job.best_epoch ? ` · best val loss ${fmt(job.best_val_loss)} at epoch ${job.best_epoch}` : "";
   const failure = job.error_message ? ` · ${job.error_message}` : "";
-  $("d-summary").textContent = `${job.model_architecture} · attempt ${job.attempt}${best}${failure}`;
+  const waiting = job.waiting ? ` · ${job.waiting}` : "";  // why a queued job has not started
+  $("d-summary").textContent = `${job.model_architecture} · attempt ${job.attempt}${best}${failure}${waiting}`;
   // What the domain allows in this status, as the api says: no rules of our own here.
   for (const verb of COMMANDS) $(verb).disabled = !(job.allowed_commands || []).includes(verb);
   $("downloads").hidden = job.status !== "completed";
