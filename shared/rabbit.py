@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aio_pika import DeliveryMode, Message
-from aio_pika.exceptions import PublishError
+from aio_pika.abc import AbstractChannel
+from aio_pika.exceptions import ChannelNotFoundEntity, PublishError
 from faststream import AckPolicy
 from faststream.rabbit import (
     Channel,
@@ -43,6 +45,9 @@ PING_SECONDS = 0.2
 # How long `start` waits for the first connection before leaving it to the background.
 START_WAIT_SECONDS = 5.0
 DEAD_LETTER_MAX = 100_000
+# How long a trainer's gate waits, after a delivery, for one on its other queue, so that
+# it claims the older of the two rather than whichever came first.
+GATHER_SECONDS = 0.05
 Consumer = Callable[..., Awaitable[None]]
 _PUBLISHED = {
     TELEMETRY_KEY: "Live step telemetry between epochs; never in the store.",
@@ -151,7 +156,6 @@ class RabbitBus(Bus):
         self._stopping = asyncio.Event()
         self._connecting: asyncio.Task[None] | None = None
         self._telemetry_channel = Channel(publisher_confirms=False)
-        self._depth_channel = Channel(publisher_confirms=False)
         keys = (*ROUTING_KEYS.values(), TELEMETRY_KEY, *map(work_key, WORK_QUEUES))
         self._publishers = {key: self._publisher(key) for key in keys}
 
@@ -164,7 +168,7 @@ class RabbitBus(Bus):
         return {queue.name: keys for queue, keys in self._bindings}
 
     def subscribe_work(self, handler: WorkHandler, queues: Sequence[str] = WORK_QUEUES) -> None:
-        gate = _WorkGate(handler, self._retry_seconds)
+        gate = _WorkGate(handler, self._retry_seconds, self.publish)
         for kind in queues:
             queue = self._work[kind]
             subscriber = self._broker.subscriber(
@@ -236,6 +240,28 @@ class RabbitBus(Bus):
         await self._broker.start()
         self._started = True
 
+    async def _declare_work_queues(self) -> None:
+        """The dead-letter and work queues with their bindings, declared again after someone
+        deleted one: on a plain channel, since FastStream's declarer answers from what it
+        declared before and aio-pika's robust channel from its own copies."""
+        async with self._plain_channel() as channel:
+            for queue in (self._dead, *self._work.values()):
+                declared = await channel.declare_queue(
+                    queue.name, durable=True, arguments=queue.arguments
+                )
+                if queue is not self._dead:
+                    await declared.bind(self._exchange.name, routing_key=queue.routing())
+
+    @contextlib.asynccontextmanager
+    async def _plain_channel(self) -> AsyncIterator[AbstractChannel]:
+        """A channel of its own for one question: the broker closes a channel whose passive
+        declare names a missing queue, and FastStream would hand that closed one out again."""
+        connection = self._broker._connection
+        if connection is None:
+            raise ConnectionError("the bus is not connected")
+        async with connection.channel(publisher_confirms=False) as channel:
+            yield channel
+
     async def _resubscribed(self, *_: object) -> None:
         """Tell every fan-out handler its queue is back (after its bindings and consumer)."""
         for handler in self._fanouts:
@@ -255,13 +281,22 @@ class RabbitBus(Bus):
         key = envelope.routing_key
         if not self._started:
             raise ConnectionError("the bus is not started (or its start failed)")
-        publishing = self._publishers[key].publish(envelope, message_id=str(envelope.position))
         try:
-            await asyncio.wait_for(publishing, self._publish_seconds)
+            await self._publish(envelope)
         except PublishError:
-            if is_work(key):
-                raise
-            log.debug("no queue for %s; dropped position %d", key, envelope.position)
+            if not is_work(key):
+                log.debug("no queue for %s; dropped position %d", key, envelope.position)
+                return
+            # A work queue was deleted (no trainer of its kind declares it again): make
+            # the topology again, once, rather than hold every later event behind this one.
+            log.warning("no work queue for %s: declaring the queues again", key)
+            await self._declare_work_queues()
+            await self._publish(envelope)
+
+    async def _publish(self, envelope: Envelope) -> None:
+        publisher = self._publishers[envelope.routing_key]
+        publishing = publisher.publish(envelope, message_id=str(envelope.position))
+        await asyncio.wait_for(publishing, self._publish_seconds)
 
     async def publish_telemetry(self, envelope: Envelope) -> None:
         """On its own channel without confirms, transient, not mandatory: the next replaces it."""
@@ -287,17 +322,25 @@ class RabbitBus(Bus):
             return False
 
     async def work_depths(self) -> dict[str, WorkDepth]:
-        """Passive declares on a channel of their own: the broker's counts, now. Not robust:
-        aio-pika's robust channel keeps a queue declared robustly and answers a later
-        passive declare of it from that copy, with the counts of the first answer."""
+        """Passive declares on a plain channel of their own: the broker's counts, now (a
+        robust channel answers a passive declare of a queue it declared from its copy,
+        with the counts of the first answer)."""
         if not self._started:
             raise ConnectionError("the bus is not started (or its start failed)")
-        channel = await self._broker.config.channel_manager.get_channel(self._depth_channel)
+        try:
+            return await self._depths()
+        except ChannelNotFoundEntity:  # a work queue was deleted: declare them again, once
+            log.warning("a work queue is missing: declaring the queues again")
+            await self._declare_work_queues()
+            return await self._depths()
+
+    async def _depths(self) -> dict[str, WorkDepth]:
         depths = {}
-        for kind, queue in self._work.items():
-            declared = await channel.declare_queue(queue.name, passive=True, robust=False)
-            result = declared.declaration_result
-            depths[kind] = WorkDepth(result.message_count or 0, result.consumer_count or 0)
+        async with self._plain_channel() as channel:
+            for kind, queue in self._work.items():
+                declared = await channel.declare_queue(queue.name, passive=True)
+                result = declared.declaration_result
+                depths[kind] = WorkDepth(result.message_count or 0, result.consumer_count or 0)
         return depths
 
     async def _usable(self) -> bool:
@@ -331,47 +374,83 @@ def _fanout_consumer(handler: Handler) -> Consumer:
 
 
 class _WorkGate:
-    """One work subscriber's consumers, one per queue it takes: one message at a time.
+    """One work subscriber's consumers, one per queue it takes: one job at a time, the
+    oldest first.
 
-    A message is claimed under a lock. A claim that gives a run cancels every consumer
-    of the gate before the ack frees the prefetch slot, so the broker delivers nothing
-    more to this subscriber while it runs; a message that reached another of its
-    consumers meanwhile goes back to its queue (one redelivery) for another trainer.
-    The consumers start again when the run ends, unless the gate was closed.
-    FastStream 0.7 has no public way to pause one subscriber from inside its handler
-    (`stop()` waits for that handler), so this cancels and restarts the aio-pika
-    consumer that FastStream started for it.
+    Each delivery is held; one decider at a time waits `GATHER_SECONDS` for a delivery
+    on the subscriber's other queue, then claims the held message published first. A
+    claim that gives a run cancels every consumer of the gate before the ack frees the
+    prefetch slot, so the broker delivers nothing more to this subscriber while it runs.
+    A message it holds and does not run (the younger of two, or one that arrived as the
+    run began) is given back by publishing a copy to its queue and acking the original:
+    a nack would count as a redelivery, and after `delivery_limit` of them the broker
+    would dead-letter a message that was never at fault. A failing claim is nacked after
+    a backoff and does count. The consumers start again when the run ends, unless the
+    gate was closed. FastStream 0.7 has no public way to pause one subscriber from
+    inside its handler (`stop()` waits for that handler), so this cancels and restarts
+    the aio-pika consumer that FastStream started for it.
     """
 
-    def __init__(self, handler: WorkHandler, retry_seconds: float) -> None:
-        self.handler, self.retry_seconds = handler, retry_seconds
+    def __init__(
+        self,
+        handler: WorkHandler,
+        retry_seconds: float,
+        republish: Callable[[Envelope], Awaitable[None]],
+    ) -> None:
+        self.handler, self.retry_seconds, self.republish = handler, retry_seconds, republish
         self.subscribers: list[Any] = []
         self.running: asyncio.Task[None] | None = None
         self.closed = False
         self._lock = asyncio.Lock()
+        self._held: list[tuple[Envelope, RabbitMessage]] = []
+        self._deciding: asyncio.Task[None] | None = None
 
     async def consume(self, envelope: Envelope, message: RabbitMessage) -> None:
+        """Hold the delivery for the decider (acked or given back by it, later)."""
+        self._held.append((envelope, message))
+        if self._deciding is None or self._deciding.done():
+            self._deciding = asyncio.create_task(self._decide())
+
+    async def _decide(self) -> None:
+        await asyncio.sleep(GATHER_SECONDS)
         async with self._lock:
-            if self.running is not None or self.closed:
-                await self._pause()  # a consumer that came back meanwhile (a reconnect)
+            while self._held:
+                self._held.sort(key=lambda held: held[0].timestamp)
+                envelope, message = self._held.pop(0)
+                if self.running is not None or self.closed:
+                    await self._pause()  # a consumer that came back meanwhile (a reconnect)
+                    await self._give_back(envelope, message)
+                    continue
+                await self._claim(envelope, message)
+
+    async def _claim(self, envelope: Envelope, message: RabbitMessage) -> None:
+        try:
+            run = await self.handler(envelope)
+        except Exception:
+            log.exception("claiming job %s failed; it will be delivered again", envelope.job_id)
+            await asyncio.sleep(_backoff(message, self.retry_seconds))
+            await message.nack(requeue=True)
+            return
+        if run is None:
+            await message.ack()
+            return
+        await self._pause()
+        self.running = asyncio.create_task(self._run(run, envelope))  # the claim is ours
+        try:
+            await message.ack()
+        except Exception as error:  # redelivered elsewhere, then dropped: claimed here
+            log.warning("acking the work of job %s failed: %r", envelope.job_id, error)
+
+    async def _give_back(self, envelope: Envelope, message: RabbitMessage) -> None:
+        """A copy to the queue first, then the ack: a crash between leaves a duplicate
+        (dropped by whoever claims second), never a loss."""
+        try:
+            await self.republish(envelope)
+            await message.ack()
+        except Exception as error:
+            log.warning("giving back the work of job %s: %r; requeued", envelope.job_id, error)
+            with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
-                return
-            try:
-                run = await self.handler(envelope)
-            except Exception:
-                log.exception("claiming job %s failed; it will be delivered again", envelope.job_id)
-                await asyncio.sleep(_backoff(message, self.retry_seconds))
-                await message.nack(requeue=True)
-                return
-            if run is None:
-                await message.ack()
-                return
-            await self._pause()
-            self.running = asyncio.create_task(self._run(run, envelope))  # the claim is ours
-            try:
-                await message.ack()
-            except Exception as error:  # redelivered elsewhere, then dropped: claimed here
-                log.warning("acking the work of job %s failed: %r", envelope.job_id, error)
 
     async def _run(self, run: Awaitable[None], envelope: Envelope) -> None:
         try:

@@ -214,15 +214,21 @@ async def test_an_event_nobody_listens_to_does_not_raise(make_bus: BusFactory) -
     await bus.publish(envelope(2, "EpochCompleted"))
 
 
-async def test_a_work_message_with_no_queue_raises(
+async def test_a_deleted_work_queue_is_declared_again_and_nothing_waits_behind_it(
     make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
 ) -> None:
+    """No trainer of the gpu kind runs to declare its queue again: the publisher and the
+    sweep's depth query must, or every later event would queue behind this one."""
     bus = make_bus()
     await bus.start()
     await amqp.queue_delete(f"{names.work}.gpu")
-    with pytest.raises(aio_pika.exceptions.PublishError):
-        await bus.publish(work(1, "gpu"))
+    await bus.publish(work(1, "gpu"))
     await bus.publish(envelope(2, "Submitted"))  # the event itself may have no listener
+    queue = await amqp.declare_queue(f"{names.work}.gpu", passive=True)
+    assert queue.declaration_result.message_count == 1
+    await amqp.queue_delete(f"{names.work}.cpu")
+    assert (await bus.work_depths())["cpu"] == WorkDepth(0, 0)
+    assert (await bus.work_depths())["gpu"].ready == 1
 
 
 async def test_an_unreachable_broker_is_waited_for_in_the_background(
@@ -329,6 +335,42 @@ async def test_a_busy_trainer_holds_no_other_work_while_its_run_goes_on(
     await projector.publish(work(4, "gpu"))
     assert await until(lambda: 4 in claimed or 4 in free.positions)
     assert await eventually(lambda: consumers(projector, "gpu", 2))  # both consume again
+
+
+async def test_a_trainer_with_work_in_both_its_queues_takes_the_oldest_and_loses_none(
+    make_bus: BusFactory, names: Names, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    """Both of its queues deliver when a run ends; it must run the older job and give
+    the other back without a redelivery, or a backlog of one kind starves the other and
+    the delivery limit dead-letters the starved job."""
+    release = asyncio.Event()
+    claimed: list[int] = []
+
+    async def claim(envelope: Envelope) -> Awaitable[None]:
+        claimed.append(envelope.position)
+        return until_released(release) if envelope.position == 0 else until_released(GO)
+
+    busy, projector = make_bus(delivery_limit=2), make_bus(delivery_limit=2)
+    busy.subscribe_work(claim, WORK_QUEUES_OF_TRAINER["cpu"])
+    for bus in (busy, projector):
+        await bus.start()
+    await projector.publish(work(0, "cpu"))
+    assert await until(lambda: claimed == [0])
+    await projector.publish(work(1, "any"))  # older than every cpu job below
+    for position in range(2, 7):
+        await projector.publish(work(position, "cpu"))
+    release.set()
+    assert await until(lambda: len(claimed) == 7, 30), claimed
+    assert claimed[:2] == [0, 1], claimed
+    assert sorted(claimed) == list(range(7))
+    dead = await amqp.declare_queue(f"{names.work}.dead", passive=True)
+    assert dead.declaration_result.message_count == 0
+    depths = await projector.work_depths()
+    assert depths["cpu"].ready == depths["any"].ready == 0
+
+
+GO = asyncio.Event()
+GO.set()
 
 
 async def test_a_reconnect_during_a_run_brings_no_work_to_the_busy_trainer(
