@@ -118,9 +118,10 @@ def run_projector(settings: Settings) -> None:
 
 def serve_embedded(settings: Settings) -> None:
     """Everything in one process: api, projector and a trainer on an in-process bus."""
-    from services.trainer.worker import build_trainer
+    from services.trainer.worker import build_trainer, check_trainer_kind
 
     check_exposure(settings)
+    check_trainer_kind(settings)
     warm_up_preflight()
     context, background = build_api(settings, with_projector=True)
     trainer = build_trainer(settings, context.jobs, context.reads, context.bus)
@@ -132,7 +133,9 @@ def serve_embedded(settings: Settings) -> None:
 
 def run_trainer(settings: Settings) -> None:
     """One trainer as its own process, on the configured broker."""
-    from services.trainer.worker import build_trainer
+    from services.trainer.worker import build_trainer, check_trainer_kind
+
+    check_trainer_kind(settings)
 
     async def main() -> None:
         jobs, reads, bus = build_app(settings), build_read_store(settings), build_bus(settings)

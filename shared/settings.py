@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     )
     sweep_seconds: float = Field(
         30.0,
-        gt=0,
+        ge=0.1,
         description="how often the projector looks for runnable jobs whose work message"
         " is missing, and how long a job must have waited to count",
     )

@@ -71,13 +71,13 @@ class WorkQueues(Collector):
         depth = self.depths.get(queue)
         if depth is None:
             return None
-        if depth.consumers == 0:
+        if depth.consumers == 0:  # a busy trainer consumes nothing: busy and gone look alike
             return (
-                f"no connected trainer takes jobs that need {NEEDS[queue]} (accelerator:"
-                f" {ACCELERATOR_OF_WORK_QUEUE[queue]}): it waits in the `{queue}` work queue"
-                f" ({depth.ready} waiting) until one connects"
+                f"no free trainer takes jobs that need {NEEDS[queue]} (accelerator:"
+                f" {ACCELERATOR_OF_WORK_QUEUE[queue]}): every one is busy, or none is"
+                f" connected; it waits in the `{queue}` work queue ({depth.ready} message(s))"
             )
         return (
-            f"waiting for a free trainer: {depth.ready} job(s) ready in the `{queue}` work"
+            f"waiting for a free trainer: {depth.ready} message(s) in the `{queue}` work"
             f" queue, {depth.consumers} idle trainer(s) consuming it"
         )

@@ -30,6 +30,7 @@ from shared.config import FilesDataset, JobConfig
 from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
 from shared.logs import job_context
 from shared.readmodel.store import ReadStore
+from shared.security import ConfigurationError
 from shared.settings import Settings
 from shared.waiting import wait_event
 
@@ -46,6 +47,16 @@ def trainer_kind(settings: Settings) -> str:
     if settings.trainer_kind != "auto":
         return settings.trainer_kind
     return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_trainer_kind(settings: Settings) -> None:
+    """ConfigurationError when the trainer is to take GPU work where CUDA sees no device:
+    it would take every GPU job from the queue only to find it cannot run it."""
+    if settings.trainer_kind == "gpu" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            "HEIMDALL_TRAINER_KIND=gpu, but CUDA sees no device here: set it to cpu or auto"
+            " (or give the trainer its GPU)"
+        )
 
 
 class Trainer:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner, Result
 
 from heimdall_cli import main
@@ -189,3 +190,16 @@ def test_dataset_make_refuses_an_empty_path_or_a_file(tmp_path: Path) -> None:
     taken = tmp_path / "taken"
     taken.write_text("x")
     refused(run("dataset", "make", str(taken)), "not a directory")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA sees a device here")
+def test_a_gpu_trainer_where_cuda_sees_no_device_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It would take every GPU job from its queue only to find it cannot run them."""
+    monkeypatch.setenv("HEIMDALL_TRAINER_KIND", "gpu")
+    monkeypatch.setenv("HEIMDALL_DATA_DIR", str(tmp_path))
+    result = run("trainer")
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "HEIMDALL_TRAINER_KIND=gpu, but CUDA sees no device" in result.output
+    assert not list(tmp_path.iterdir())  # refused before it made a store

@@ -77,7 +77,7 @@ def test_a_gpu_job_waits_for_a_gpu_trainer_and_says_why_while_cpu_work_runs(
     until(lambda: cpu_only.job(gpu)["waiting"] is not None, 10)
     job = cpu_only.job(gpu)
     assert (job["status"], job["attempt"], job["error_message"]) == ("queued", 0, None)
-    assert "GPU" in job["waiting"] and "no connected trainer" in job["waiting"], job["waiting"]
+    assert "GPU" in job["waiting"] and "no free trainer" in job["waiting"], job["waiting"]
     assert cpu_only.kinds(gpu) == ["Submitted"]  # never claimed, never failed
     assert cpu_only.job(auto)["waiting"] is None
     until(  # the api reads the queues every 2 s: wait for the read after the publish
