@@ -150,6 +150,7 @@ class RabbitBus(Bus):
         ]
         self._gates: list[_WorkGate] = []
         self._retry_seconds, self._publish_seconds = retry_seconds, publish_seconds
+        self._delivery_limit = delivery_limit
         self._private_id = private_id
         self._fanouts: list[Handler] = []
         self._started = self._running = False
@@ -168,7 +169,7 @@ class RabbitBus(Bus):
         return {queue.name: keys for queue, keys in self._bindings}
 
     def subscribe_work(self, handler: WorkHandler, queues: Sequence[str] = WORK_QUEUES) -> None:
-        gate = _WorkGate(handler, self._retry_seconds, self.publish)
+        gate = _WorkGate(handler, self._retry_seconds, self._delivery_limit, self.publish)
         for kind in queues:
             queue = self._work[kind]
             subscriber = self._broker.subscriber(
@@ -382,22 +383,24 @@ class _WorkGate:
     claim that gives a run cancels every consumer of the gate before the ack frees the
     prefetch slot, so the broker delivers nothing more to this subscriber while it runs.
     A message it holds and does not run (the younger of two, or one that arrived as the
-    run began) is given back by publishing a copy to its queue and acking the original:
-    a nack would count as a redelivery, and after `delivery_limit` of them the broker
-    would dead-letter a message that was never at fault. A failing claim is nacked after
-    a backoff and does count. The consumers start again when the run ends, unless the
-    gate was closed. FastStream 0.7 has no public way to pause one subscriber from
-    inside its handler (`stop()` waits for that handler), so this cancels and restarts
-    the aio-pika consumer that FastStream started for it.
+    run began) is given back (`_give_back`): nacked, which keeps its place, unless one
+    more delivery would reach `delivery_limit`, after which the broker would dead-letter
+    a message that was never at fault; then as a copy. A failing claim is nacked after a
+    backoff and counts toward the limit, as a poison message should. The consumers start
+    again when the run ends, unless the gate was closed. FastStream 0.7 has no public way
+    to pause one subscriber from inside its handler (`stop()` waits for that handler), so
+    this cancels and restarts the aio-pika consumer that FastStream started for it.
     """
 
     def __init__(
         self,
         handler: WorkHandler,
         retry_seconds: float,
+        delivery_limit: int,
         republish: Callable[[Envelope], Awaitable[None]],
     ) -> None:
         self.handler, self.retry_seconds, self.republish = handler, retry_seconds, republish
+        self.delivery_limit = delivery_limit
         self.subscribers: list[Any] = []
         self.running: asyncio.Task[None] | None = None
         self.closed = False
@@ -442,8 +445,13 @@ class _WorkGate:
             log.warning("acking the work of job %s failed: %r", envelope.job_id, error)
 
     async def _give_back(self, envelope: Envelope, message: RabbitMessage) -> None:
-        """A copy to the queue first, then the ack: a crash between leaves a duplicate
-        (dropped by whoever claims second), never a loss."""
+        """Back to its queue. A nack keeps its place (a quorum queue delivers returned
+        messages first) but counts as a delivery, so near the delivery limit it goes back
+        as a copy instead, at the queue's end: the copy first, then the ack, so a crash
+        between leaves a duplicate (dropped by whoever claims second), never a loss."""
+        if _deliveries(message) + 1 < self.delivery_limit:
+            await message.nack(requeue=True)
+            return
         try:
             await self.republish(envelope)
             await message.ack()
@@ -492,6 +500,11 @@ class _WorkGate:
                 log.exception("consuming %s again failed", queue.name)
 
 
-def _backoff(message: RabbitMessage, retry_seconds: float) -> float:
+def _deliveries(message: RabbitMessage) -> int:
+    """How many times the quorum queue delivered this message before (0 the first time)."""
     count = (message.raw_message.headers or {}).get("x-delivery-count", 0)
-    return float(retry_seconds * 2 ** min(count if isinstance(count, int) else 0, 4))
+    return count if isinstance(count, int) else 0
+
+
+def _backoff(message: RabbitMessage, retry_seconds: float) -> float:
+    return float(retry_seconds * 2 ** min(_deliveries(message), 4))

@@ -394,10 +394,11 @@ async def test_a_reconnect_during_a_run_brings_no_work_to_the_busy_trainer(
     rabbit_proxy.open()  # and comes back: the robust channel restores what it knows
     assert await eventually(busy.healthy, 30)
     await projector.publish(work(2))
-    assert await eventually(lambda: ready(projector, "any", 1))  # not restored: not sent
+    # Not restored, so not sent (job 1's message may be back too, if the cut beat its ack).
+    assert await eventually(lambda: ready_at_least(projector, "any", 1))
     assert claimed == [1]
     release.set()
-    assert await until(lambda: claimed == [1, 2], 15)  # consuming again after the run
+    assert await until(lambda: 2 in claimed, 15)  # consuming again after the run
 
 
 async def test_a_message_held_by_a_trainer_that_died_reaches_another(
@@ -429,6 +430,10 @@ async def until_released(release: asyncio.Event) -> None:
 
 async def ready(bus: RabbitBus, queue: str, count: int) -> bool:
     return (await bus.work_depths())[queue].ready == count
+
+
+async def ready_at_least(bus: RabbitBus, queue: str, count: int) -> bool:
+    return (await bus.work_depths())[queue].ready >= count
 
 
 async def consumers(bus: RabbitBus, queue: str, count: int) -> bool:
