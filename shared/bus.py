@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from shared.application import StoredJobEvent
 from shared.domainmodel import QUEUED, RUNNING
+from shared.logs import job_context
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +322,11 @@ class InProcessBus(Bus):
     async def _take(self, taker: _Taker, queue: str, envelope: Envelope) -> None:
         try:
             try:
-                run = await taker.handler(envelope)
+                with job_context(envelope.job_id):
+                    run = await taker.handler(envelope)
             except Exception:
-                log.exception("work handler failed for job %s", envelope.job_id)
+                with job_context(envelope.job_id):
+                    log.exception("work handler failed for job %s", envelope.job_id)
                 await asyncio.sleep(self._retry_seconds)
                 self._pending[queue].appendleft(envelope)
                 return

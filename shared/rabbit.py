@@ -37,6 +37,7 @@ from shared.bus import (
     is_work,
     work_key,
 )
+from shared.logs import job_context
 from shared.waiting import retrying_until
 
 log = logging.getLogger(__name__)
@@ -422,11 +423,16 @@ class _WorkGate:
                 envelope, message = self._held.pop(0)
                 if self.running is not None or self.closed:
                     await self._pause()  # a consumer that came back meanwhile (a reconnect)
-                    await self._give_back(envelope, message)
+                    with job_context(envelope.job_id):
+                        await self._give_back(envelope, message)
                     continue
                 await self._claim(envelope, message)
 
     async def _claim(self, envelope: Envelope, message: RabbitMessage) -> None:
+        with job_context(envelope.job_id):  # its log lines, here and in the handler, name it
+            await self._claim_job(envelope, message)
+
+    async def _claim_job(self, envelope: Envelope, message: RabbitMessage) -> None:
         try:
             run = await self.handler(envelope)
         except Exception:

@@ -87,11 +87,11 @@ class Trainer:
             raise TrainerStoppingError(f"trainer {self.worker} is stopping")
         with job_context(envelope.job_id):  # every log line of its claim and its run names it
             claimed = await asyncio.to_thread(self._claim, UUID(envelope.job_id))
-        if claimed is None:
-            log.info(
-                "trainer %s: job %s is not runnable here; dropped", self.worker, envelope.job_id
-            )
-            return None
+            if claimed is None:
+                log.info(
+                    "trainer %s: job %s is not runnable here; dropped", self.worker, envelope.job_id
+                )
+                return None
         self._idle.clear()
         return self._train_named(claimed)
 
