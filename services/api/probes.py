@@ -15,8 +15,10 @@ build everything on PyTorch's `meta` device: shapes only, no memory, no arithmet
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -140,7 +142,12 @@ class ModelProbes:
             self._retire.cancel()
             self._retire = None
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                1,
+                mp_context=get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            )
             self.children_started += 1
         return self._pool
 
@@ -157,6 +164,22 @@ class ModelProbes:
 
 
 PROBES = ModelProbes()
+PARENT_CHECK_SECONDS = 1.0
+
+
+def exit_with_parent(parent: int) -> None:
+    """In the child: exit once `parent` is gone. A ProcessPoolExecutor worker holds its own
+    pipes open, so it never sees an api killed with SIGKILL and would live on (with torch,
+    about 1 GB). Polls the parent pid once a second from a daemon thread (PR_SET_PDEATHSIG
+    would fire when the thread that started the child ends, which may be any of the api's
+    worker threads)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # What the child runs (or the process itself, when torch is loaded).

@@ -82,3 +82,43 @@ def test_the_same_question_asked_at_once_is_probed_once(monkeypatch: pytest.Monk
         found = {a.result(timeout=10) for a in answers}
     assert found == {ModelProbe(None, 7, 11)} and len(calls) == 1
     assert asking.probe("resnet18", (7, 16, 16), 4) == ModelProbe(None, 7, 11) and len(calls) == 1
+
+
+# A parent that asks once, says its child's pid, then waits to be killed.
+ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from services.api.probes import ModelProbes
+
+    probes = ModelProbes(idle_seconds=600)
+    probes.probe("convnext_atto", (7, 16, 16), 4)
+    print(*probes._pool._processes, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_child_whose_api_was_killed_exits_too() -> None:
+    """kill -9 of an api must not leave its probe child (about 1 GB with torch) behind:
+    a ProcessPoolExecutor worker holds its own pipe open and never sees the parent go."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        (child,) = map(int, parent.stdout.readline().split())
+    finally:
+        parent.kill()
+        parent.wait(30)
+    deadline = time.monotonic() + 15
+    while _alive(child):
+        assert time.monotonic() < deadline, f"the probe child {child} outlived its api"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
