@@ -16,7 +16,6 @@ import pytest
 from services.projector.replay import replay
 from shared.bootstrap import build_app, build_read_store
 from shared.settings import Settings
-from tests.conftest import RABBIT_URL
 from tests.processes import (
     API,
     Service,
@@ -78,13 +77,9 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(postgres_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
-    suffix = uuid.uuid4().hex[:8]
-    settings = postgres_settings.model_copy(
+def cluster(broker_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
+    settings = broker_settings.model_copy(
         update={
-            "broker_url": RABBIT_URL,
-            "exchange": f"heimdall.training.{suffix}",
-            "work_queue": f"heimdall.training.work.{suffix}",
             "lease_seconds": 3.0,
             "artifacts_dir": tmp_path / "artifacts",
         }

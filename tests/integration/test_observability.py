@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from services.api.app import create_app
 from services.runtime import build_api
 from shared.bootstrap import build_app, build_read_store
 from shared.settings import Settings
-from tests.conftest import POSTGRES_URL, RABBIT_URL
+from tests.conftest import POSTGRES_URL
 from tests.processes import Service, free_port, settings_env, tiny_config, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
@@ -35,13 +34,9 @@ def scrape(port: int) -> Samples:
 
 
 @pytest.fixture
-def cluster_settings(postgres_settings: Settings, tmp_path: Path) -> Settings:
-    suffix = uuid.uuid4().hex[:8]
-    return postgres_settings.model_copy(
+def cluster_settings(broker_settings: Settings, tmp_path: Path) -> Settings:
+    return broker_settings.model_copy(
         update={
-            "broker_url": RABBIT_URL,
-            "exchange": f"heimdall.training.{suffix}",
-            "work_queue": f"heimdall.training.work.{suffix}",
             "artifacts_dir": tmp_path / "artifacts",
         }
     )

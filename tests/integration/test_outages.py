@@ -74,15 +74,12 @@ class ProxiedCluster(Cluster):
 
 
 @pytest.fixture
-def proxied(postgres_settings: Settings, tmp_path: Path) -> Iterator[ProxiedCluster]:
+def proxied(broker_settings: Settings, tmp_path: Path) -> Iterator[ProxiedCluster]:
     pg, rabbit = Proxy(POSTGRES_URL, 5432).open(), Proxy(RABBIT_URL, 5672).open()
-    suffix = uuid.uuid4().hex[:8]
-    settings = postgres_settings.model_copy(
+    settings = broker_settings.model_copy(
         update={
             "database_url": pg.url,
             "broker_url": rabbit.url,
-            "exchange": f"heimdall.training.{suffix}",
-            "work_queue": f"heimdall.training.work.{suffix}",
             "lease_seconds": 3.0,
             "artifacts_dir": tmp_path / "artifacts",
         }

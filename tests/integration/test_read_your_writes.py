@@ -14,7 +14,6 @@ import pytest
 from shared.application import TrainingJobs
 from shared.bootstrap import build_app
 from shared.settings import Settings
-from tests.conftest import RABBIT_URL
 from tests.integration.test_cluster import Cluster
 from tests.processes import Service, free_port, settings_env, wait_healthy
 from tests.readwrites import create_then_read, delete_then_list, pause_then_read
@@ -23,14 +22,10 @@ pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
 
 
 @pytest.fixture
-def apis(postgres_settings: Settings, tmp_path: Path) -> Iterator[tuple[Cluster, httpx.Client]]:
+def apis(broker_settings: Settings, tmp_path: Path) -> Iterator[tuple[Cluster, httpx.Client]]:
     """Two api processes and a projector; no trainer (the test claims as one would)."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = postgres_settings.model_copy(
+    settings = broker_settings.model_copy(
         update={
-            "broker_url": RABBIT_URL,
-            "exchange": f"heimdall.training.{suffix}",
-            "work_queue": f"heimdall.training.work.{suffix}",
             "poll_seconds": 0.2,  # the default: NOTIFY is what makes it fast
         }
     )

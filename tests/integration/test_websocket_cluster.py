@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from websockets.asyncio.client import connect
 
 from shared.bootstrap import build_app
 from shared.settings import Settings
-from tests.conftest import RABBIT_URL
 from tests.integration.test_cluster import Cluster
 from tests.live import (
     Received,
@@ -44,14 +42,10 @@ SLOW_QUEUE = 8
 
 
 @pytest.fixture
-def cluster(postgres_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(broker_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
     """Store and broker names of its own; the test starts the services it needs."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = postgres_settings.model_copy(
+    settings = broker_settings.model_copy(
         update={
-            "broker_url": RABBIT_URL,
-            "exchange": f"heimdall.training.{suffix}",
-            "work_queue": f"heimdall.training.work.{suffix}",
             "lease_seconds": 5.0,
             "artifacts_dir": tmp_path / "artifacts",
         }
