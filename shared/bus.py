@@ -56,6 +56,8 @@ WORK_PREFIX = "work."
 NUDGE_KEYS = ("training.pause_requested", "training.cancel_requested")
 # Live telemetry between epochs: on the bus for watchers, never in the store.
 TELEMETRY_KEY = "training.step"
+# A work message that asks a trainer to join a multi-node group rather than claim a job.
+JOIN_KIND = "JoinGroup"
 # Not a message on the broker: the bus tells a fan-out subscriber its queue was made again,
 # so messages published before may never reach it (a subscriber that must see them all
 # reads them from the store).
@@ -134,6 +136,23 @@ class Envelope(BaseModel):
             actor=actor,
             data={"queue": queue},
             status=QUEUED,
+        )
+
+    @classmethod
+    def join(cls, job_id: str, queue: str, attempt: int, endpoint: str, actor: str) -> Envelope:
+        """Run a share of `attempt` of a multi-node job: the trainer that claimed it asks
+        for each other node with one of these on the job's work queue; the trainer that
+        takes it joins the group's c10d rendezvous at `endpoint` (host:port)."""
+        return cls(
+            position=0,
+            job_id=job_id,
+            version=0,
+            kind=JOIN_KIND,
+            routing_key=work_key(queue),
+            timestamp=datetime.now(UTC),
+            actor=actor,
+            data={"queue": queue, "attempt": attempt, "endpoint": endpoint},
+            status=RUNNING,
         )
 
     @classmethod

@@ -103,6 +103,10 @@ Dataset = Annotated[
 ]
 
 
+# Fields a stored config may lack, with the default that lack means.
+LATER_FIELDS: dict[str, Any] = {"init_from": None, "nodes": 1}
+
+
 class JobConfig(_Strict):
     """Everything a trainer needs to run a job; ranges enforced, unknown fields refused."""
 
@@ -127,7 +131,20 @@ class JobConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     validation_split: float = Field(0.2, ge=0, le=0.5)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int = Field(1, ge=1, le=64)
+    devices: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="devices (GPUs, or CPU ranks) on each node; more than 1 trains as one"
+        " torchrun group with DistributedDataParallel",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="trainer hosts the group spans (a c10d rendezvous); world size is"
+        " devices x nodes",
+    )
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     compile: bool = False
     seed: int = Field(42, ge=0, le=2**31 - 1)
@@ -164,14 +181,30 @@ class JobConfig(_Strict):
         except ValueError:
             raise ValueError(f"'{value}' is not a job id (a UUID)") from None
 
+    @property
+    def world_size(self) -> int:
+        """Ranks of the job's torchrun group: `devices` on each of `nodes` hosts."""
+        return self.devices * self.nodes
+
     @model_serializer(mode="wrap")
-    def _init_from_only_when_set(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Without `init_from`, the dump is the one every config had before that field (the
-        stored configs, idempotency checks and checkpoints of older jobs compare equal)."""
+    def _later_fields_only_when_set(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields added after jobs were stored appear in the dump only away from their
+        default, so the dump of an older job's config is the one it always had (the stored
+        configs, idempotency checks and checkpoints of older jobs compare equal)."""
         fields: dict[str, Any] = dump(self)
-        if fields.get("init_from") is None:
-            fields.pop("init_from", None)
+        for name, default in LATER_FIELDS.items():
+            if fields.get(name, default) == default:
+                fields.pop(name, None)
         return fields
+
+    @model_validator(mode="after")
+    def _equal_shares(self) -> JobConfig:
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of devices x nodes ="
+                f" {self.world_size}: each rank trains an equal share of every batch"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pretrained_needs_local_weights(self) -> JobConfig:

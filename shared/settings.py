@@ -91,6 +91,21 @@ class Settings(BaseSettings):
         description="how often the projector looks for runnable jobs whose work message"
         " is missing, and how long a job must have waited to count",
     )
+    rank_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="intra-op threads of each CPU rank of a torchrun group; unset: the"
+        " host's CPUs shared among the group's ranks on it",
+    )
+    rendezvous_host: str = Field(
+        "127.0.0.1",
+        description="the address other trainers reach this one at, for the c10d rendezvous"
+        " of a job whose nodes is above 1",
+    )
+    rendezvous_seconds: float = Field(
+        600.0, gt=0, description="how long a multi-node group waits for all its nodes"
+    )
     # Security and observability (README: Security and Observability).
     api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = Field(
         (), description="name:KEY:role,... (viewer|operator); without keys: loopback only"

@@ -33,7 +33,6 @@ from shared.config import Dataset, FilesDataset, JobConfig, SyntheticDataset
 from shared.domainmodel import InitFromError, TrainingJob
 
 MAX_DATASET_BYTES = 4 * 2**30
-MAX_DEVICES = 1
 FLOAT32_BYTES = 4
 FILES_PATH = "dataset.path"
 Shape = tuple[int, int, int, int]  # samples, receivers, n_mels, frames
@@ -66,13 +65,11 @@ class PreflightError(ValueError):
         self.field, self.message = field, message
 
 
-def preflight(
-    config: JobConfig, max_dataset_bytes: int = MAX_DATASET_BYTES, max_devices: int = MAX_DEVICES
-) -> Estimate:
+def preflight(config: JobConfig, max_dataset_bytes: int = MAX_DATASET_BYTES) -> Estimate:
     """Refuse a config no trainer can run (PreflightError names the first field at fault);
     otherwise what it will cost (`Estimate`).
 
-    Checks, in order: `devices` <= `max_devices`; the dataset's inputs (float32
+    Checks, in order: the dataset's inputs (float32
     `[samples, receivers, n_mels, frames]`) fit in `max_dataset_bytes`; a files dataset is
     a readable dataset directory; the model builds for `[batch_size, receivers, n_mels,
     frames]` inputs and one training-mode forward pass goes through (batch norm needs
@@ -82,12 +79,6 @@ def preflight(
     `services.api.probes`); a `pretrained_path` is read on every call. Blocking: call it from a
     worker thread in async code.
     """
-    if config.devices > max_devices:
-        raise PreflightError(
-            "devices",
-            f"devices {config.devices}: a trainer here runs a job on at most {max_devices}"
-            f" device(s); use devices: {max_devices}",
-        )
     shape = dataset_shape(config.dataset)
     _check_memory(config.dataset, shape, max_dataset_bytes)
     probe = PROBES.probe(config.model_architecture, shape[1:], config.batch_size)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.config import JobConfig
+from shared.lifetime import exit_with_parent
 
 if TYPE_CHECKING:
     from services.trainer.model import Localiser
@@ -164,22 +164,6 @@ class ModelProbes:
 
 
 PROBES = ModelProbes()
-PARENT_CHECK_SECONDS = 1.0
-
-
-def exit_with_parent(parent: int) -> None:
-    """In the child: exit once `parent` is gone. A ProcessPoolExecutor worker holds its own
-    pipes open, so it never sees an api killed with SIGKILL and would live on (with torch,
-    about 1 GB). Polls the parent pid once a second from a daemon thread (PR_SET_PDEATHSIG
-    would fire when the thread that started the child ends, which may be any of the api's
-    worker threads)."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # What the child runs (or the process itself, when torch is loaded).

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig, SyntheticDataset
 from shared.readmodel.shapes import EpochMetrics
 
+if TYPE_CHECKING:
+    from services.trainer.group import Group
+
 CHECKPOINT_DIR, MODEL_FILE = "checkpoints", "model.pt"
 # Controls that stop the run with a checkpoint to resume from, and the outcome they give.
 STOPS: dict[Control, Literal["paused", "preempted"]] = {
@@ -85,6 +88,12 @@ class _Job:
     mark: float  # perf_counter at the attempt's start, then at the end of each epoch's record
     checkpoint_dir: Path  # this attempt's own
     baselines: dict[str, float]  # recorded with every epoch's metrics
+    group: Group | None = None  # a rank of a torchrun group
+
+    @property
+    def writes(self) -> bool:
+        """This process writes checkpoints and the model: alone, or the group's reporter."""
+        return self.group is None or self.group.reporter
 
     @property
     def steps(self) -> int:
@@ -99,6 +108,7 @@ def run_training(
     attempt: int = 1,
     resume_sha256: str | None = None,
     init_weights: Path | None = None,
+    group: Group | None = None,
 ) -> Outcome:
     """Train `config`, writing `workdir`/checkpoints/attempt-N/ and `workdir`/model.pt.
 
@@ -107,15 +117,23 @@ def run_training(
     `resume_sha256` when given. A job with `init_from` starts from `init_weights`, the
     `model.pt` of that job, unless it resumes its own checkpoint. Pause, preemption and
     cancel from `hooks.check` act at the next step boundary; exceptions propagate.
+
+    In a torchrun group (`group`, world size devices x nodes) every rank calls this: each
+    trains its share of every batch under DDP, the ranks agree on every stop, and only
+    the reporter writes files (`services.trainer.group`). Without one, a config with a
+    world size above 1 raises ValueError: it needs the group launcher.
     """
-    if config.devices > 1:
-        raise ValueError("devices > 1 needs a torchrun launch, which this trainer does not do yet")
+    if config.world_size > 1 and group is None:
+        raise ValueError(
+            f"devices x nodes = {config.world_size} runs as a torchrun group: submit the job"
+            " to a trainer (heimdall up) rather than train it in this process"
+        )
     if config.init_from and resume_from is None and init_weights is None:
         raise ValueError(f"init_from {config.init_from}: that job's model.pt was not given")
     runtime = resolve_runtime(config.accelerator, config.precision)
     with _reproducible(runtime):
         start = init_weights if config.init_from and resume_from is None else None
-        job = _prepare(config, workdir, runtime, resume_from, resume_sha256, start)
+        job = _prepare(config, workdir, runtime, resume_from, resume_sha256, start, group)
         job.checkpoint_dir = workdir / CHECKPOINT_DIR / f"attempt-{attempt}"
         hooks.on_start(_start_info(job, runtime))
         return _run(job, hooks)
@@ -147,6 +165,7 @@ def _prepare(
     resume_from: Path | None,
     resume_sha256: str | None = None,
     init_weights: Path | None = None,
+    group: Group | None = None,
 ) -> _Job:
     started = time.perf_counter()
     random.seed(config.seed)
@@ -164,17 +183,19 @@ def _prepare(
     progress = (
         load_checkpoint(resume_from, parts, config, resume_sha256) if resume_from else Progress()
     )
-    step_model = cast(nn.Module, torch.compile(model)) if config.compile else model
+    step_model = group.wrap(model) if group else model
+    if config.compile:
+        step_model = cast(nn.Module, torch.compile(step_model))
     geo = Geo(data.centre, data.scale)
     step = StepParts(
         step_model, parts.optimizer, parts.scaler, parts.schedule, runtime, geo,
-        config.max_grad_norm, config.accuracy_radius_m,
+        config.max_grad_norm, config.accuracy_radius_m, group,
     )  # fmt: skip
     checkpoint = str(resume_from.resolve()) if resume_from else None
     checkpoints = workdir / CHECKPOINT_DIR
     return _Job(
         config, workdir, data, train, val, step, parts, progress, checkpoint, started,
-        checkpoints, _baselines(data, config),
+        checkpoints, _baselines(data, config), group,
     )  # fmt: skip
 
 
@@ -234,7 +255,8 @@ def _stateful(model: nn.Module, config: JobConfig, runtime: Runtime, steps: int)
 
 def _start_info(job: _Job, runtime: Runtime) -> StartInfo:
     sizes = len(job.train), len(job.val)
-    return StartInfo(runtime.describe(), *sizes, job.progress.epoch, job.config.epochs, job.steps)
+    device = runtime.describe(job.config.world_size)
+    return StartInfo(device, *sizes, job.progress.epoch, job.config.epochs, job.steps)
 
 
 def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
@@ -250,6 +272,8 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
         _finish_epoch(job, hooks)
         if stopping:
             return _outcome(job, stopping)
+    if not job.writes:
+        return _outcome(job, "completed")
     model, metrics = _shipped(job), p.best_metrics or p.last_metrics
     path, _ = save_model(job.workdir / MODEL_FILE, model, job.config, job.data, metrics)
     export_at_completion(path, job.data, job.config)  # before `Completed`; never raises
@@ -259,13 +283,18 @@ def _run(job: _Job, hooks: TrainingHooks) -> Outcome:
 def _train_epoch(job: _Job, hooks: TrainingHooks) -> Control:
     p, cfg = job.progress, job.config
     epoch, steps = p.epoch + 1, job.steps
-    plan = EpochPlan(epoch, epoch_batches(len(job.train), cfg.batch_size, cfg.seed, epoch), p.step)
+    batches = epoch_batches(len(job.train), cfg.batch_size, cfg.seed, epoch)
+    if job.group is not None:
+        batches = [job.group.shard(batch) for batch in batches]
+    plan = EpochPlan(epoch, batches, p.step)
     tally = Tally(**p.tally) if p.step else Tally()
     control = Control.CONTINUE
 
     def stop(step: int, loss: Callable[[], float], speed: float) -> bool:
         nonlocal control
         control = hooks.check(StepInfo(epoch, step, steps, loss, speed))
+        if job.group is not None:
+            control = job.group.agree(control)
         return control is not Control.CONTINUE
 
     train_one_epoch(job.step, _epoch_train(job, epoch), plan, tally, stop)
@@ -323,8 +352,9 @@ def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
     """
     cfg, t, epoch = job.config, job.step, job.progress.epoch + 1
     started = time.perf_counter()
+    model = job.parts.model if job.group else t.model  # every rank validates it all, alone
     val = validate(
-        t.model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m, epoch
+        model, job.val, t.runtime, t.geo, 2 * cfg.batch_size, cfg.accuracy_radius_m, epoch
     )
     metrics: Metrics = {"epoch": epoch, **epoch_train_metrics(tally), **val, **job.baselines}
     ready = time.perf_counter()
@@ -337,7 +367,10 @@ def _epoch_metrics(job: _Job, tally: Tally) -> Metrics:
 
 
 def _save_checkpoint(job: _Job) -> Checkpoint:
-    """Write this attempt's checkpoint of where the job stands (atomically)."""
+    """Write this attempt's checkpoint of where the job stands (atomically); in a group,
+    the reporter alone writes, and the others name none."""
+    if not job.writes:
+        return Checkpoint(job.progress.epoch, "", "")
     path, digest = save_checkpoint(job.checkpoint_dir, job.parts, job.progress, job.config)
     job.checkpoint = str(path.resolve())
     return Checkpoint(job.progress.epoch, job.checkpoint, digest)

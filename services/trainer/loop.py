@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from services.trainer.model import (
     split_output,
 )
 from services.trainer.schedule import LrSchedule
+
+if TYPE_CHECKING:
+    from services.trainer.group import Group
 
 EARTH_RADIUS_M = 6_371_008.8
 METRES_PER_DEGREE = EARTH_RADIUS_M * math.pi / 180  # about 111,195 m of latitude
@@ -64,24 +67,29 @@ class Runtime:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def describe(self) -> str:
+    def describe(self, world_size: int = 1) -> str:
+        """e.g. `cpu (fp32)`, `cuda:0 NVIDIA H200 (bf16)`, `cpu (fp32) x 2 ranks`."""
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.autocast_dtype]
+        ranks = f" x {world_size} ranks" if world_size > 1 else ""
         if not self.cuda:
-            return f"cpu ({dtype})"
-        return f"{self.device} {torch.cuda.get_device_name(self.device)} ({dtype})"
+            return f"cpu ({dtype}){ranks}"
+        return f"{self.device} {torch.cuda.get_device_name(self.device)} ({dtype}){ranks}"
 
 
 class DeviceUnavailableError(RuntimeError):
     """The job needs a device this trainer does not have: another trainer may run it."""
 
 
-def resolve_runtime(accelerator: str, precision: str) -> Runtime:
+def resolve_runtime(accelerator: str, precision: str, devices: int = 1) -> Runtime:
     """CUDA when asked or available; autocast only there (CPU trains in fp32).
-    DeviceUnavailableError for a GPU job where CUDA is not available."""
+    DeviceUnavailableError for a GPU job where CUDA is not available, or sees fewer than
+    `devices` GPUs (one rank each; on a CPU, ranks share the cores)."""
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise DeviceUnavailableError("accelerator 'gpu' requested but CUDA is not available here")
     if accelerator == "cpu" or not torch.cuda.is_available():
         return Runtime(torch.device("cpu"), None)
+    if devices > (seen := torch.cuda.device_count()):
+        raise DeviceUnavailableError(f"devices {devices}: CUDA sees {seen} GPU(s) here")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
     return Runtime(torch.device("cuda", torch.cuda.current_device()), dtypes[precision])
 
@@ -218,6 +226,11 @@ class StepParts:
     geo: Geo
     max_grad_norm: float | None
     accuracy_radius_m: float
+    group: Group | None = None  # a rank of a torchrun group: `model` is under DDP
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size if self.group else 1
 
 
 # (steps done, the step's loss unread, samples per second) -> stop now?
@@ -263,7 +276,7 @@ def train_one_epoch(
         for index, batch in enumerate(batches, start=plan.first_step):
             tally.learning_rate = t.schedule.apply(t.optimizer, plan.epoch, index)
             step = _step(t, batch)
-            size = len(batch.inputs)
+            size = len(batch.inputs) * t.world_size  # the global batch
             tally.add(size, step)
             if (now := time.perf_counter()) >= read_at:
                 tally.settle()
@@ -296,7 +309,20 @@ def _step(t: StepParts, batch: Batch) -> StepNumbers:
     t.scaler.update()
     distance = haversine_m(t.geo.degrees(split_output(out)[0].detach()), batch.positions)
     hits = (distance <= t.accuracy_radius_m).sum()
-    return StepNumbers(loss.detach(), norm, hits, distance.square().sum())
+    numbers = StepNumbers(loss.detach(), norm, hits, distance.square().sum())
+    return numbers if t.group is None else _global(t.group, numbers, len(batch.inputs))
+
+
+def _global(group: Group, numbers: StepNumbers, samples: int) -> StepNumbers:
+    """The global batch's numbers from each rank's equal share of `samples`: the mean
+    loss over every sample, hits and squared distances summed, in one all-reduce that the
+    host does not wait for. The gradient norm is every rank's already (DDP averages the
+    gradients before clipping sees them)."""
+    row = torch.stack(
+        [numbers.loss.double() * samples, numbers.hits.double(), numbers.squared_distance.double()]
+    )
+    group.sum(row)
+    return StepNumbers(row[0] / (samples * group.world_size), numbers.grad_norm, row[1], row[2])
 
 
 def epoch_train_metrics(tally: Tally) -> dict[str, float | int | None]:

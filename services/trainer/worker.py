@@ -6,6 +6,8 @@ import asyncio
 import ctypes
 import gc
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -17,17 +19,25 @@ import torch
 from services.trainer.checkpoints import CheckpointError
 from services.trainer.control import Outcome
 from services.trainer.dataset import split_indices
+from services.trainer.group import RankSpec
 from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
+from services.trainer.launcher import RankFailedError, RankLostError, Rendezvous, launch_group
 from services.trainer.leases import LeaseBook
 from services.trainer.loop import DeviceUnavailableError, resolve_runtime
 from services.trainer.observe import BUSY, JOBS_RUN
 from services.trainer.telemetry import StepTelemetry
 from shared.application import TrainingJobs
 from shared.bootstrap import STORE_OUTAGES
-from shared.bus import NUDGE_KEYS, WORK_QUEUES_OF_TRAINER, Bus, Envelope
+from shared.bus import JOIN_KIND, NUDGE_KEYS, WORK_QUEUES_OF_TRAINER, Bus, Envelope, work_queue
 from shared.config import FilesDataset, JobConfig
-from shared.domainmodel import QUEUED, ClaimLostError, IllegalTransitionError, TrainingJob
+from shared.domainmodel import (
+    ACTIVE_RUN,
+    QUEUED,
+    ClaimLostError,
+    IllegalTransitionError,
+    TrainingJob,
+)
 from shared.logs import job_context
 from shared.readmodel.store import ReadStore
 from shared.security import ConfigurationError
@@ -73,6 +83,7 @@ class Trainer:
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         bus.subscribe_work(self.on_work, WORK_QUEUES_OF_TRAINER[self.kind])
         bus.subscribe_fanout(NUDGE_KEYS, self.on_nudge)
 
@@ -85,6 +96,8 @@ class Trainer:
         stopping trainer raises, and the message goes back to its queue."""
         if self._stopping:
             raise TrainerStoppingError(f"trainer {self.worker} is stopping")
+        if envelope.kind == JOIN_KIND:
+            return await self._join(envelope)
         with job_context(envelope.job_id):  # every log line of its claim and its run names it
             claimed = await asyncio.to_thread(self._claim, UUID(envelope.job_id))
             if claimed is None:
@@ -141,7 +154,9 @@ class Trainer:
             return None
         try:
             config = JobConfig.model_validate(job.config)
-            device = resolve_runtime(config.accelerator, config.precision).describe()
+            device = resolve_runtime(config.accelerator, config.precision, config.devices).describe(
+                config.world_size
+            )
             train, val = dataset_sizes(config)
         except DeviceUnavailableError as error:
             log.info(
@@ -164,7 +179,7 @@ class Trainer:
 
     async def _train(self, claimed: tuple[TrainingJob, StoreHooks]) -> None:
         job, hooks = claimed
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         hooks.telemetry = StepTelemetry(self.bus, loop, str(job.id), self.worker)
         self.current = hooks
         BUSY.labels(self.worker).set(1)
@@ -188,10 +203,18 @@ class Trainer:
         try:
             parent = config.init_from if resume is None else None  # a resume has its own
             start = self._parent_weights(parent) if parent else None
-            outcome = run_training(
-                config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256, start
-            )
+            if config.world_size > 1:
+                outcome = self._run_group(job, config, hooks, resume, start)
+            else:
+                outcome = run_training(
+                    config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256, start
+                )
             hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
+        except RankLostError as lost:  # the group's attempt is over; resume elsewhere
+            log.error("trainer %s: job %s: %s; recording a lost worker", self.worker, job.id, lost)
+            hooks.record(
+                "a lost rank", lambda: self.jobs.lose_worker(job.id, hooks.attempt, self.worker)
+            )
         except ClaimLostError as lost:
             log.warning("trainer %s: %s; stopping without writing", self.worker, lost)
         except STORE_OUTAGES as error:  # longer than our patience: the lease decides
@@ -205,6 +228,108 @@ class Trainer:
             log.exception("trainer %s: job %s failed", self.worker, job.id)
             self._record_failure(job.id, hooks.attempt, error)
 
+    def _run_group(
+        self,
+        job: TrainingJob,
+        config: JobConfig,
+        hooks: StoreHooks,
+        resume: Path | None,
+        start: Path | None,
+    ) -> Outcome:
+        """Train as a torchrun group (`launch_group`) whose reporter uses `hooks`; for
+        `nodes` above 1, first ask that many other trainers to join (`_invite`)."""
+        spec = self._rank_spec(job, config, hooks.attempt, resume, start)
+        run_id = f"{job.id}-{hooks.attempt}"
+        if config.nodes == 1:
+            rendezvous = Rendezvous.local(run_id)
+        else:
+            endpoint = f"{self.settings.rendezvous_host}:{free_port()}"
+            rendezvous = Rendezvous(
+                endpoint, True, run_id, config.nodes, self.settings.rendezvous_seconds
+            )
+            self._invite(job, config, hooks.attempt, endpoint)
+        outcome = launch_group(spec, config.devices, rendezvous, hooks)
+        assert outcome is not None  # the claiming node's launch returns the reporter's
+        return outcome
+
+    def _rank_spec(
+        self,
+        job: TrainingJob,
+        config: JobConfig,
+        attempt: int,
+        resume: Path | None,
+        start: Path | None,
+    ) -> RankSpec:
+        threads = self.settings.rank_threads or max(1, (os.cpu_count() or 1) // config.devices)
+        return RankSpec(
+            job_id=str(job.id),
+            config=config.model_dump(mode="json"),
+            workdir=str(self.settings.artifacts / str(job.id)),
+            attempt=attempt,
+            resume_from=str(resume) if resume else None,
+            resume_sha256=job.checkpoint_sha256 if resume else None,
+            init_weights=str(start) if start else None,
+            threads=threads,
+            hooks_address=None,
+            authkey="",
+            log_format=self.settings.log_format,
+            log_level=self.settings.log_level,
+        )
+
+    def _invite(self, job: TrainingJob, config: JobConfig, attempt: int, endpoint: str) -> None:
+        """Publish `nodes - 1` join messages on the job's work queue: each trainer that
+        takes one runs its share of the group (`_join`)."""
+        assert self._loop is not None
+        for _ in range(config.nodes - 1):
+            join = Envelope.join(
+                str(job.id), work_queue(job.config), attempt, endpoint, self.worker
+            )
+            asyncio.run_coroutine_threadsafe(self.bus.publish(join), self._loop).result(60)
+
+    async def _join(self, envelope: Envelope) -> Awaitable[None] | None:
+        """A join message: run this node's ranks of a group another trainer leads, if
+        that attempt still runs; else drop the message."""
+        with job_context(envelope.job_id):
+            job = await asyncio.to_thread(self.jobs.get_job, UUID(envelope.job_id))
+            attempt = int(envelope.data["attempt"])
+            if job.status not in ACTIVE_RUN or job.attempt != attempt:
+                log.info(
+                    "trainer %s: group of job %s attempt %d is over; dropped",
+                    self.worker,
+                    job.id,
+                    attempt,
+                )
+                return None
+        self._idle.clear()
+        return self._run_join(job, attempt, str(envelope.data["endpoint"]))
+
+    async def _run_join(self, job: TrainingJob, attempt: int, endpoint: str) -> None:
+        config = JobConfig.model_validate(job.config)
+        resume = Path(job.checkpoint_path) if job.checkpoint_path else None
+        rendezvous = Rendezvous(
+            endpoint, False, f"{job.id}-{attempt}", config.nodes, self.settings.rendezvous_seconds
+        )
+        BUSY.labels(self.worker).set(1)
+        try:
+            with job_context(str(job.id)):
+                log.info(
+                    "trainer %s: joining job %s attempt %d at %s",
+                    self.worker,
+                    job.id,
+                    attempt,
+                    endpoint,
+                )
+                parent = config.init_from if resume is None else None
+                start = await asyncio.to_thread(self._parent_weights, parent) if parent else None
+                spec = self._rank_spec(job, config, attempt, resume, start)
+                await asyncio.to_thread(launch_group, spec, config.devices, rendezvous, None)
+        except Exception as error:  # the claiming trainer records what became of the job
+            log.warning("trainer %s: its part of job %s ended: %r", self.worker, job.id, error)
+        finally:
+            BUSY.labels(self.worker).set(0)
+            await asyncio.to_thread(release_memory)
+            self._idle.set()
+
     def _parent_weights(self, parent_id: str) -> Path:
         """The `model.pt` of job `parent_id` (`init_from`) under this trainer's artifacts
         location, where the trainer that completed it wrote it (a shared volume)."""
@@ -216,10 +341,9 @@ class Trainer:
     def _record_failure(
         self, job_id: UUID, attempt: int, error: Exception, claim_first: bool = False
     ) -> None:
+        kind = error.error_type if isinstance(error, RankFailedError) else type(error).__name__
         try:
-            self.jobs.fail(
-                job_id, self.worker, attempt, str(error)[:2000], type(error).__name__, claim_first
-            )
+            self.jobs.fail(job_id, self.worker, attempt, str(error)[:2000], kind, claim_first)
         except ClaimLostError:
             log.warning(
                 "trainer %s: job %s no longer ours; failure not recorded", self.worker, job_id
@@ -269,6 +393,13 @@ class Trainer:
 
     def _lose(self, job_id: UUID, attempt: int) -> None:
         self.jobs.lose_worker(job_id, attempt, self.worker)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a group's rendezvous store."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
 
 
 def release_memory() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from pydantic import ValidationError
 
 from services.api.preflight import MAX_DATASET_BYTES, PreflightError, preflight
 from services.trainer.dataset import write_dataset
@@ -78,10 +79,12 @@ def test_the_memory_bound_is_inclusive() -> None:
 # Devices.
 
 
-def test_more_devices_than_a_trainer_runs_is_refused() -> None:
-    error = refusal(config(devices=2))
-    assert error.field == "devices" and "at most 1" in error.message
-    preflight(config(devices=2), max_devices=2)
+def test_a_batch_that_the_ranks_cannot_share_equally_is_refused() -> None:
+    with pytest.raises(ValidationError, match="batch_size 16 is not a multiple of devices x"):
+        config(devices=3, batch_size=16)
+    with pytest.raises(ValidationError, match="devices x nodes = 6"):
+        config(devices=3, nodes=2, batch_size=16)
+    preflight(config(devices=2, batch_size=16))  # a torchrun group: two equal shares
 
 
 # Local files: pretrained weights and a files dataset.

@@ -1,0 +1,280 @@
+"""The group launcher: a job whose world size is above 1 runs as a torchrun group.
+
+The trainer that claimed the job starts its node's ranks with torchrun's elastic agent
+(`torch.distributed.launcher.api.elastic_launch`, what `torchrun` itself runs), each
+rank being `python -m services.trainer.group SPEC`. The group's reporter rank
+(`services.trainer.group`) talks to this process over a local socket: it sends what
+the hooks of a single-process job receive (start, every step, each epoch and
+checkpoint, the outcome), the trainer runs its own hooks with them (the store, the
+lease's signs of life, telemetry, pause, cancel and preemption) and sends back a stop
+when one is due. So the group holds one lease and writes through one trainer.
+
+A rank ended by a signal (kill -9, the OOM killer) ends the attempt as a lost worker;
+a rank that raised ends it with that rank's error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from services.trainer.control import (
+    Checkpoint,
+    Control,
+    Metrics,
+    Outcome,
+    StartInfo,
+    StepInfo,
+    TrainingHooks,
+)
+from services.trainer.group import RankSpec
+
+log = logging.getLogger(__name__)
+# torchelastic logs every rank's start and end as a JSON event at INFO: the trainer's
+# own log lines say what matters.
+logging.getLogger("torchelastic-events-null").setLevel(logging.WARNING)
+
+
+class _OffMainThread(logging.Filter):
+    """Drops torchelastic's warning that it cannot install signal handlers off the main
+    thread: the trainer launches from a worker thread on purpose, keeps its own handlers
+    (stop means preempt), and each rank exits with the trainer (`exit_with_parent`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to register signal handlers" not in record.getMessage()
+
+
+logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_OffMainThread())
+# How often the reporter reads the step's loss for its report (on a GPU a read waits
+# for the device): telemetry shows it once a second.
+LOSS_READ_SECONDS = 0.25
+MONITOR_SECONDS = 0.1  # how often the agent looks at its ranks
+
+
+class RankLostError(RuntimeError):
+    """A rank of the group died without a word (a signal): the attempt's worker is lost."""
+
+
+class RankFailedError(RuntimeError):
+    """A rank of the group raised; `error_type` is its exception's class name."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class GroupAbortedError(RuntimeError):
+    """In the reporter: the trainer's hooks refused (a lost claim, the store gone too long)."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a group's nodes meet (torchrun's c10d rendezvous): `endpoint` host:port of
+    its store, which this node hosts when `hosts`; `run_id` is the same on every node."""
+
+    endpoint: str
+    hosts: bool
+    run_id: str
+    nodes: int = 1
+    timeout_seconds: float = 600.0
+
+    @classmethod
+    def local(cls, run_id: str) -> Rendezvous:
+        """One host: a store on a free port of the loopback (torchrun --standalone)."""
+        return cls("127.0.0.1:0", True, run_id)
+
+
+class RemoteHooks:
+    """The reporter rank's hooks: each call goes to the launcher's trainer, which runs
+    its own. `check` never waits for the trainer: it sends the step and takes a stop
+    if one has arrived."""
+
+    def __init__(self, address: str, authkey: str) -> None:
+        self.conn: Connection = Client(address, family="AF_UNIX", authkey=bytes.fromhex(authkey))
+        self.pending = Control.CONTINUE
+        self._loss, self._loss_at = float("nan"), 0.0
+
+    def on_start(self, info: StartInfo) -> None:
+        self._call("start", info)
+
+    def check(self, step: StepInfo) -> Control:
+        if (now := time.monotonic()) >= self._loss_at:
+            self._loss, self._loss_at = step.loss, now + LOSS_READ_SECONDS
+        report = (step.epoch, step.step, step.steps_per_epoch, self._loss, step.samples_per_second)
+        self.conn.send(("step", report))
+        while self.conn.poll():
+            self._take(self.conn.recv())
+        return self.pending
+
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
+        self._call("epoch", metrics, is_best, checkpoint)
+
+    def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
+        self._call("checkpoint", epoch, uri, sha256)
+
+    def finish(self, outcome: Outcome) -> None:
+        """The run's outcome, for the trainer to record."""
+        self._call("outcome", outcome)
+
+    def _call(self, kind: str, *args: Any) -> None:
+        self.conn.send((kind, args))
+        while not self._take(self.conn.recv()):
+            pass
+
+    def _take(self, message: tuple[str, Any]) -> bool:
+        """Apply one message from the trainer; True for the answer to a call."""
+        kind, value = message
+        if kind == "control":
+            self.pending = Control(value)
+            return False
+        if kind == "raise":
+            raise GroupAbortedError(value)
+        return True
+
+
+class _HookServer(threading.Thread):
+    """In the trainer: answers the reporter's calls with `hooks`, and keeps the first
+    exception they raised for the launcher to raise again when the group is over."""
+
+    def __init__(self, listener: Listener, address: str, authkey: bytes, hooks: TrainingHooks):
+        super().__init__(name="group-hooks", daemon=True)
+        self.listener, self.address, self.authkey, self.hooks = listener, address, authkey, hooks
+        self.outcome: Outcome | None = None
+        self.raised: BaseException | None = None
+        self._closing = False
+        self._sent = Control.CONTINUE
+
+    def run(self) -> None:
+        try:
+            conn = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            if self._closing:
+                return
+            try:
+                while True:
+                    self._serve(conn, *conn.recv())
+            except (EOFError, OSError):  # the reporter is gone: the launcher learns why
+                return
+
+    def _serve(self, conn: Connection, kind: str, args: Any) -> None:
+        try:
+            if kind == "step":
+                control = self.hooks.check(StepInfo(*args))
+                if control is not Control.CONTINUE and control is not self._sent:
+                    self._sent = control
+                    conn.send(("control", control.value))
+                return
+            if kind == "start":
+                self.hooks.on_start(*args)
+            elif kind == "epoch":
+                self.hooks.on_epoch(*args)
+            elif kind == "checkpoint":
+                self.hooks.on_checkpoint(*args)
+            elif kind == "outcome":
+                self.outcome = args[0]
+            conn.send(("ok", None))
+        except Exception as error:
+            self.raised = self.raised or error
+            conn.send(("raise", f"the trainer refused {kind}: {error!r}"))
+
+    def close(self) -> None:
+        """Stop waiting for a reporter that never came (it died before connecting)."""
+        self._closing = True
+        if self.is_alive():
+            with contextlib.suppress(OSError):
+                Client(self.address, family="AF_UNIX", authkey=self.authkey).close()
+        self.join(timeout=5)
+
+
+def launch_group(
+    spec: RankSpec, devices: int, rendezvous: Rendezvous, hooks: TrainingHooks | None
+) -> Outcome | None:
+    """Run this node's `devices` ranks of the group until every rank of every node ends.
+
+    With `hooks` (the node that claimed the job) the reporter's calls run them and its
+    outcome is returned; a node that only joins gets None. Raises what the hooks raised
+    (a lost claim, a store outage), RankLostError when a rank was ended by a signal,
+    RankFailedError with the first failing rank's error otherwise (a rendezvous that
+    did not fill up in time included).
+    """
+    with tempfile.TemporaryDirectory(prefix="heimdall-group-") as private:  # mode 0700
+        authkey = secrets.token_bytes(32)
+        address = os.path.join(private, "hooks")
+        server = None
+        if hooks is not None:
+            listener = Listener(address, family="AF_UNIX", authkey=authkey)
+            server = _HookServer(listener, address, authkey, hooks)
+            server.start()
+        spec = replace(spec, hooks_address=address if hooks else None, authkey=authkey.hex())
+        config = LaunchConfig(
+            min_nodes=rendezvous.nodes,
+            max_nodes=rendezvous.nodes,
+            nproc_per_node=devices,
+            run_id=rendezvous.run_id,
+            rdzv_backend="c10d",
+            rdzv_endpoint=rendezvous.endpoint,
+            rdzv_configs={
+                "is_host": rendezvous.hosts,
+                "join_timeout": rendezvous.timeout_seconds,
+            },
+            max_restarts=0,
+            monitor_interval=MONITOR_SECONDS,
+            start_method="spawn",
+        )
+        command = ("-m", "services.trainer.group", str(spec.write(Path(private) / "rank.json")))
+        try:
+            elastic_launch(config, sys.executable)(*command)
+        except ChildFailedError as failed:
+            if server is not None and server.raised is not None:
+                raise server.raised from None
+            raise group_error(failed) from None
+        except RendezvousError as error:
+            raise RankFailedError(
+                type(error).__name__,
+                f"the group's {rendezvous.nodes} nodes did not all join at"
+                f" {rendezvous.endpoint} within {rendezvous.timeout_seconds:.0f} s: {error}",
+            ) from None
+        finally:
+            if server is not None:
+                server.close()
+                listener.close()
+        if server is None:
+            return None
+        if server.raised is not None:
+            raise server.raised
+        if server.outcome is None:
+            raise RankLostError("the group ended without its reporter's outcome")
+        return server.outcome
+
+
+def group_error(failed: ChildFailedError) -> RankLostError | RankFailedError:
+    """What a failed group means for its attempt: lost when any rank was ended by a
+    signal (a negative exit code), else the first failing rank's own error."""
+    for rank, failure in sorted(failed.failures.items()):
+        if failure.exitcode < 0:
+            name = signal.Signals(-failure.exitcode).name
+            return RankLostError(f"rank {rank} (pid {failure.pid}) was ended by {name}")
+    rank, first = failed.get_first_failure()
+    message = first.message
+    text = str(message.get("message", message) if isinstance(message, dict) else message)
+    error_type, _, detail = text.partition(": ")
+    if not detail or not error_type.isidentifier():
+        error_type, detail = "RankFailedError", text or f"exit code {first.exitcode}"
+    return RankFailedError(error_type, f"rank {rank}: {detail}")

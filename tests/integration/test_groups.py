@@ -1,0 +1,70 @@
+"""torchrun groups through the whole system: api, projector and trainers as processes on
+PostgreSQL and RabbitMQ, CPU ranks of one thread each (DESIGN §6, issue 13)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings
+from tests.integration.test_cluster import Cluster, assert_replay_equals_live
+from tests.processes import wait_healthy, wait_status
+
+pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
+
+
+@pytest.fixture
+def cluster(broker_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
+    settings = broker_settings.model_copy(
+        update={"artifacts_dir": tmp_path / "artifacts", "rank_threads": 1}
+    )
+    running = Cluster(settings, tmp_path)
+    running.start("api", "api")
+    running.start("projector", "projector")
+    try:
+        wait_healthy(running.client)
+        yield running
+    except BaseException:
+        print(running.logs())
+        raise
+    finally:
+        running.stop()
+
+
+def assert_written_once(cluster: Cluster, job_id: str, epochs: int) -> None:
+    events = cluster.events(job_id)
+    kinds = Counter(e["kind"] for e in events)
+    assert kinds["Started"] == 1 and kinds["Completed"] == 1, kinds
+    assert kinds["EpochCompleted"] == epochs and kinds["CheckpointSaved"] == epochs, kinds
+    epoch_numbers = [e["data"]["metrics"]["epoch"] for e in events if e["kind"] == "EpochCompleted"]
+    assert epoch_numbers == list(range(1, epochs + 1))
+    assert cluster.metrics_epochs(job_id) == list(range(1, epochs + 1))
+
+
+def test_a_two_rank_job_completes_with_its_events_written_once(cluster: Cluster) -> None:
+    cluster.trainer("t1")
+    job_id = cluster.submit(devices=2, epochs=2)
+    row = wait_status(cluster.client, job_id, ("completed", "failed"), 240)
+    assert row["status"] == "completed", row
+    assert row["device"] == "cpu (fp32) x 2 ranks"
+    assert_written_once(cluster, job_id, 2)
+    assert_replay_equals_live(cluster.settings)
+
+
+def test_a_two_node_group_on_localhost_completes(cluster: Cluster) -> None:
+    """Two trainer processes as two nodes (one CPU rank each) meet at a c10d rendezvous:
+    one claims the job and asks for the other node on the work queue."""
+    cluster.trainer("t1")
+    cluster.trainer("t2")
+    job_id = cluster.submit(nodes=2, epochs=2)
+    row = wait_status(cluster.client, job_id, ("completed", "failed"), 300)
+    assert row["status"] == "completed", row
+    assert_written_once(cluster, job_id, 2)
+    leader = row["worker"] if row.get("worker") else None
+    logs = {name: cluster.services[name].log() for name in ("t1", "t2")}
+    joined = [name for name, text in logs.items() if f"joining job {job_id}" in text]
+    assert len(joined) == 1, logs
+    assert leader is None or leader not in joined
