@@ -30,8 +30,13 @@ def train_bare(
     device: torch.device,
     dtype: torch.dtype | None = None,
     clock: StepClock | None = None,
+    ddp: tuple[int, int] | None = None,
 ) -> float:
-    """Train as the job would; returns the wall seconds from data generation to saved weights."""
+    """Train as the job would; returns the wall seconds from data generation to saved weights.
+
+    `ddp` (rank, world size): this process is a rank of an initialised torch.distributed
+    group; the model runs under DistributedDataParallel and each step trains this rank's
+    equal share of the global batch (as a job's group does)."""
     from services.trainer.dataset import split_indices, synthesise
     from services.trainer.model import build_model, gaussian_nll
 
@@ -54,6 +59,11 @@ def train_bare(
     model = build_model(config, x_all.shape[1], (x_all.shape[2], x_all.shape[3])).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    step_model: torch.nn.Module = model
+    if ddp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.learning_rate,
@@ -79,10 +89,12 @@ def train_bare(
         for step in range(steps):
             begun = time.perf_counter()
             idx = order[step * batch : (step + 1) * batch]
+            if ddp is not None:
+                idx = idx.tensor_split(ddp[1])[ddp[0]]
             x, y = to_device(x_train[idx]), to_device(y_train[idx])
             fetched = time.perf_counter()
             with autocast:
-                out_ = model(x)
+                out_ = step_model(x)
             loss = gaussian_nll(out_, y).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -98,5 +110,6 @@ def train_bare(
             for start in range(0, len(x_val), 2 * batch):
                 sl = slice(start, start + 2 * batch)
                 gaussian_nll(model(to_device(x_val[sl])), to_device(y_val[sl])).mean().item()
-    torch.save(model.state_dict(), out / "model.pt")
+    if ddp is None or ddp[0] == 0:
+        torch.save(model.state_dict(), out / "model.pt")
     return time.perf_counter() - started

@@ -487,6 +487,49 @@ def _openloop(f: Figures) -> str:
     )
 
 
+def _sum_group(f: Figures) -> list[list[str]]:
+    s, b = num(f["system"]["best"], 1), num(f["bare"]["best"], 1)
+    ratios = f"{_ratios(f, 3)} (steps: {num(f['ratio_steps_best'], 3)})"
+    return [["2-rank group samples per wall second", s, b, ratios, "≥ 0.95", met(_ok_group(f))]]
+
+
+def _ok_group(f: Figures) -> bool:
+    return bool(f["ratio_best"] >= 0.95)
+
+
+def _group(f: Figures) -> str:
+    c = f["config"]
+    shape = "x".join(str(d) for d in c["input"])
+    rows = [
+        [
+            side,
+            num(f[side]["best"], 1),
+            ", ".join(num(x, 1) for x in f[side]["all"]),
+            num(f[side]["steps_best"], 1),
+            ", ".join(num(x, 1) for x in f[side]["seconds_all"]),
+        ]
+        for side in ("system", "bare")
+    ]
+    head = ["", "per wall s (best)", "runs", "steps only", "seconds"]
+    first = f["first_step_seconds"]
+    return (
+        "## 11. A torchrun group: a `devices: 2` job vs two bare DDP ranks (`bench/group.py`)\n\n"
+        f"{c['model']}, global batch {c['global_batch']} over {c['world_size']} CPU ranks"
+        f" (gloo, one thread each), {c['epochs']} epochs, {c['samples']:,} training samples"
+        f" of {shape}; {f['rounds']} runs a side, alternating. System: submitted to"
+        " PostgreSQL, claimed by the trainer service and launched as a torchrun group"
+        " (`services.trainer.launcher`: the reporter's hooks, a stop agreed by every rank at"
+        " every step, the step's numbers summed across ranks, a checkpoint an epoch, the"
+        " model and its export). Bare: torchrun's elastic launcher starting two ranks of the"
+        " plain loop under DDP. Both timed from the launch to the saved weights.\n\n"
+        + table(head, rows)
+        + f"\nRatio per wall second {_ratios(f, 3)} (best / median); steps only"
+        f" {num(f['ratio_steps_best'], 3)}. Goal ≥ 0.95: {met(_ok_group(f))}. Submit to the"
+        f" group's first step: median {num(first['median'], 1)} s"
+        f" ({', '.join(num(x, 1) for x in first['all'])}).\n"
+    )
+
+
 QUERY_LABELS = {"list_jobs": "GET /jobs?limit=50", "job_metrics": "GET /jobs/{id}/metrics"}
 SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "trainer": _sum_trainer,
@@ -498,6 +541,7 @@ SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "gpu": _sum_gpu,
     "ml": _sum_ml,
     "openloop": _sum_openloop,
+    "group": _sum_group,
 }
 SECTIONS: dict[str, Callable[[Figures], str]] = {
     "trainer": _trainer,
@@ -509,4 +553,5 @@ SECTIONS: dict[str, Callable[[Figures], str]] = {
     "gpu": _gpu,
     "ml": _ml,
     "openloop": _openloop,
+    "group": _group,
 }

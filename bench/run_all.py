@@ -33,6 +33,7 @@ BENCHES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
     ("live", "bench.live", (), 240),
     ("load", "bench.load", (), 180),
     ("openloop", "bench.openloop", (), 600),
+    ("group", "bench.group", (), 900),
     ("gpu", "bench.gpu", ("--cpu",), 300),
     ("ml", "bench.ml", (), 1800),
 )

@@ -34,7 +34,7 @@ from shared.config import JobConfig
 from shared.lifetime import exit_with_parent
 from shared.logs import configure_logging, job_context
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("services.trainer.group")  # also when run as __main__
 
 # A control's code in the collective that agrees on it: the highest wins, so a cancel
 # beats a preemption, which beats a pause.
