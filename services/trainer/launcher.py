@@ -85,13 +85,15 @@ class GroupAbortedError(RuntimeError):
 @dataclass(frozen=True)
 class Rendezvous:
     """Where a group's nodes meet (torchrun's c10d rendezvous): `endpoint` host:port of
-    its store, which this node hosts when `hosts`; `run_id` is the same on every node."""
+    its store, which this node hosts when `hosts`; `run_id` is the same on every node;
+    `local_addr`, how the other nodes reach this one (the first node's ranks' store)."""
 
     endpoint: str
     hosts: bool
     run_id: str
     nodes: int = 1
     timeout_seconds: float = 600.0
+    local_addr: str | None = None  # this node's address for the others (its ranks' store)
 
     @classmethod
     def local(cls, run_id: str) -> Rendezvous:
@@ -237,6 +239,7 @@ def launch_group(
             max_restarts=0,
             monitor_interval=MONITOR_SECONDS,
             start_method="spawn",
+            local_addr=rendezvous.local_addr,
         )
         command = ("-m", "services.trainer.group", str(spec.write(Path(private) / "rank.json")))
         try:

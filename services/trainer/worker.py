@@ -93,7 +93,9 @@ class Trainer:
         Claims the job that the work message names and returns the job's run, or None
         when it is not this trainer's to run (no longer queued, claimed by another, or
         unusable and so failed): the message is then dropped. A store error or a
-        stopping trainer raises, and the message goes back to its queue."""
+        stopping trainer raises, and the message goes back to its queue. A `JoinGroup`
+        message (kind `JOIN_KIND`, from the trainer that claimed a job with `nodes` above
+        1) instead runs this node's ranks of that job's group, while that attempt runs."""
         if self._stopping:
             raise TrainerStoppingError(f"trainer {self.worker} is stopping")
         if envelope.kind == JOIN_KIND:
@@ -245,7 +247,12 @@ class Trainer:
         else:
             endpoint = f"{self.settings.rendezvous_host}:{free_port()}"
             rendezvous = Rendezvous(
-                endpoint, True, run_id, config.nodes, self.settings.rendezvous_seconds
+                endpoint,
+                True,
+                run_id,
+                config.nodes,
+                self.settings.rendezvous_seconds,
+                self.settings.rendezvous_host,
             )
             self._invite(job, config, hooks.attempt, endpoint)
         outcome = launch_group(spec, config.devices, rendezvous, hooks)
@@ -307,7 +314,12 @@ class Trainer:
         config = JobConfig.model_validate(job.config)
         resume = Path(job.checkpoint_path) if job.checkpoint_path else None
         rendezvous = Rendezvous(
-            endpoint, False, f"{job.id}-{attempt}", config.nodes, self.settings.rendezvous_seconds
+            endpoint,
+            False,
+            f"{job.id}-{attempt}",
+            config.nodes,
+            self.settings.rendezvous_seconds,
+            self.settings.rendezvous_host,
         )
         BUSY.labels(self.worker).set(1)
         try:
