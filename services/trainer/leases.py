@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.domainmodel import ACTIVE_RUN
+from shared.domainmodel import ACTIVE_RUN, QUEUED
 from shared.readmodel.store import ReadStore
 
 
@@ -20,11 +20,28 @@ class Lease:
     expired: bool
 
 
+LEASES_DDL = """CREATE TABLE IF NOT EXISTS trainer_leases (
+    job_id TEXT PRIMARY KEY, worker TEXT NOT NULL, attempt INTEGER NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL)"""
+
+
 class LeaseBook:
-    """Leases live beside the read tables; they are operational state, not history."""
+    """Leases live beside the read tables (made by the first trainer that keeps one);
+    they are operational state, not history, so replay neither reads nor rebuilds them."""
 
     def __init__(self, store: ReadStore, lease_seconds: float) -> None:
         self.store, self.lease_seconds = store, lease_seconds
+        with store.transaction() as tx:
+            tx.execute(LEASES_DDL)
+
+    def queued_job_ids(self, limit: int = 20) -> list[str]:
+        """Runnable jobs of the read table, oldest first (`Trainer.run_next`)."""
+        with self.store.reading() as tx:
+            rows = tx.fetchall(
+                "SELECT id FROM training_jobs WHERE status = ? ORDER BY created_at, id LIMIT ?",
+                [QUEUED, limit],
+            )
+        return [str(r["id"]) for r in rows]
 
     def renew(self, job_id: str, worker: str, attempt: int) -> None:
         """Take or extend the lease of `attempt`. A trainer of an older attempt (one that

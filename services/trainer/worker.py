@@ -137,7 +137,7 @@ class Trainer:
         """Claim the oldest runnable job of the read table and train it; False when there
         was none. Not how the service finds work (`on_work` is): a direct way in for tests
         and benchmarks that drive one trainer step by step without a bus."""
-        for job_id in await asyncio.to_thread(self.reads.queued_job_ids):
+        for job_id in await asyncio.to_thread(self.leases.queued_job_ids):
             with job_context(job_id):
                 claimed = await asyncio.to_thread(self._claim, UUID(job_id))
                 if claimed is not None:

@@ -33,9 +33,6 @@ DDL = (
         since TEXT NOT NULL, attempts BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS read_shape (
         name TEXT PRIMARY KEY, digest TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS trainer_leases (
-        job_id TEXT PRIMARY KEY, worker TEXT NOT NULL, attempt INTEGER NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL)""",
 )
 
 

@@ -121,16 +121,6 @@ class ReadStore(ABC):
                 [updated_before, limit],
             )
 
-    def queued_job_ids(self, limit: int = 20) -> list[str]:
-        """Runnable jobs, oldest first: what a free trainer looks at besides its queue."""
-        with self.reading() as tx:
-            rows = tx.fetchall(
-                "SELECT id FROM training_jobs WHERE status = 'queued'"
-                " ORDER BY created_at, id LIMIT ?",
-                [limit],
-            )
-        return [str(r["id"]) for r in rows]
-
     def metrics(self, job_id: str, limit: int | None = None, latest: bool = False) -> list[Row]:
         """Per-epoch rows ascending; with `latest`, the last `limit` of them."""
         sql, params = _metrics_query(job_id, limit, "DESC" if latest else "ASC")
