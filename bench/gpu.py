@@ -38,9 +38,8 @@ from services.trainer import job as trainer_job
 from services.trainer import loop
 from services.trainer.control import Checkpoint, Control, Metrics, NullHooks, StepInfo
 from services.trainer.dataset import load_dataset, split_indices
-from services.trainer.feed import Batch, feed, place
 from services.trainer.job import run_training
-from services.trainer.loop import Runtime, Split, resolve_runtime
+from services.trainer.loop import Batch, Runtime, Split, feed, place, resolve_runtime
 from services.trainer.model import build_model, gaussian_nll
 from shared.config import JobConfig
 

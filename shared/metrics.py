@@ -1,6 +1,6 @@
 """Prometheus metrics of the projector, what is read at scrape time, and their server.
 
-The trainer's own metrics live with the trainer (`services/trainer/observe.py`).
+The trainer's own metrics live with the trainer (`services/trainer/reporting.py`).
 
 The counters and gauges live in prometheus_client's process registry: the embedded run
 shows them all on the api's `/metrics`; a projector or trainer process of its own serves

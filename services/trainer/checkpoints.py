@@ -33,8 +33,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from services.trainer.dataset import RFData
+from services.trainer.loop import LrSchedule
 from services.trainer.model import Localiser, build_model
-from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig
 
 FORMAT_VERSION = 1

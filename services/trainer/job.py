@@ -43,22 +43,22 @@ from services.trainer.dataset import (
     synthesise,
 )
 from services.trainer.export import export_at_completion
-from services.trainer.feed import place
 from services.trainer.loop import (
     EpochPlan,
     Geo,
+    LrSchedule,
     Runtime,
     Split,
     StepParts,
     Tally,
     epoch_batches,
     epoch_train_metrics,
+    place,
     resolve_runtime,
     train_one_epoch,
     validate,
 )
 from services.trainer.model import build_model
-from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig, SyntheticDataset
 from shared.readmodel.shapes import EpochMetrics
 

@@ -1,10 +1,21 @@
-"""The plain PyTorch loop: one training epoch, one validation pass, kept apart from job code."""
+"""The plain PyTorch loop, kept apart from job code: one training epoch, one validation
+pass, how batches reach the device, and the learning-rate schedule.
+
+Batches: on a GPU, `place` moves the splits to the device once when together they take at
+most `share` of its free memory; a resident split's batches are gathered there, from index
+tensors copied once an epoch. A split left on the host has each batch gathered there,
+pinned and copied on a side stream while the step before it runs. On a CPU the batches
+are gathered as they always were.
+
+Learning-rate schedules have a linear warmup, are set per optimizer step and are
+checkpointable (`LrSchedule`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -15,7 +26,6 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from services.trainer.dataset import steps_per_epoch
-from services.trainer.feed import Batch, feed
 from services.trainer.model import (
     CALIBRATION_SHARE,
     gaussian_nll,
@@ -23,7 +33,6 @@ from services.trainer.model import (
     mahalanobis_sq,
     split_output,
 )
-from services.trainer.schedule import LrSchedule
 
 if TYPE_CHECKING:
     from services.trainer.group import Group
@@ -402,3 +411,142 @@ def _val_metrics(rows: Tensor, radius_m: float) -> dict[str, float]:
         "val_inside_68": inside.mean().item(),
         "val_inside_1_sigma": within_sigma.mean().item(),
     }
+
+
+# Of the device's free memory: the model, its optimizer and activations need the rest.
+RESIDENT_SHARE = 0.25
+
+
+class Batch(NamedTuple):
+    """One batch where the model runs: inputs, normalised targets, true (lat, lon) degrees."""
+
+    inputs: Tensor
+    targets: Tensor
+    positions: Tensor
+
+
+def place(
+    splits: tuple[Split, ...], runtime: Runtime, share: float = RESIDENT_SHARE
+) -> tuple[Split, ...]:
+    """The splits moved to the device if they fit `share` of its free memory, else as given."""
+    if not runtime.cuda:
+        return splits
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    if sum(t.nbytes for s in splits for t in (s.inputs, s.targets, s.positions)) > share * free:
+        return splits
+    return tuple(
+        dataclasses.replace(
+            s, **{k: getattr(s, k).to(runtime.device) for k in ("inputs", "targets", "positions")}
+        )
+        for s in splits
+    )
+
+
+def feed(data: Split, batches: Sequence[Tensor], runtime: Runtime) -> Iterator[Batch]:
+    """`data`'s batches, given as host index tensors, on the device in order."""
+    if not runtime.cuda:
+        return (Batch(data.inputs[i], data.targets[i], data.positions[i]) for i in batches)
+    if data.inputs.device == runtime.device:
+        return _resident(data, batches, runtime)
+    return _prefetched(data, batches, runtime)
+
+
+def _resident(data: Split, batches: Sequence[Tensor], runtime: Runtime) -> Iterator[Batch]:
+    if not batches:
+        return
+    order = runtime.put(torch.cat(list(batches)))  # one copy an epoch, not waited for
+    for idx in torch.split(order, [len(b) for b in batches]):
+        x, y, pos = (t.index_select(0, idx) for t in (data.inputs, data.targets, data.positions))
+        yield Batch(runtime.inputs(x), y, pos)
+
+
+def _prefetched(data: Split, batches: Sequence[Tensor], runtime: Runtime) -> Iterator[Batch]:
+    if not batches:
+        return
+    side = torch.cuda.Stream(runtime.device)  # type: ignore[no-untyped-call]
+    ahead = _copy(data, batches[0], runtime, side)
+    for following in [*batches[1:], None]:
+        batch, copied = ahead
+        if following is not None:  # its copy overlaps this batch's step
+            ahead = _copy(data, following, runtime, side)
+        main = torch.cuda.current_stream(runtime.device)
+        main.wait_event(copied)
+        for t in batch:  # made on the side stream, used on the main one
+            t.record_stream(main)
+        yield batch
+
+
+def _copy(
+    data: Split, idx: Tensor, runtime: Runtime, side: torch.cuda.Stream
+) -> tuple[Batch, torch.cuda.Event]:
+    """Gather one batch on the host and start its copy on `side`; the event marks its end."""
+    x, y, pos = data.inputs[idx], data.targets[idx], data.positions[idx]
+    with torch.cuda.stream(side):
+        batch = Batch(runtime.inputs(x), runtime.put(y), runtime.put(pos))
+        copied = side.record_event()
+    return batch, copied
+
+
+STEP_DECAY, PLATEAU_DECAY, PLATEAU_PATIENCE, PLATEAU_FLOOR = 0.1, 0.5, 2, 1e-3
+
+
+class LrSchedule:
+    """cosine (to 0), step (x0.1 at each third of training), plateau (x0.5), none.
+
+    Warmup ramps linearly over `warmup_epochs` (at most half the job's steps); plateau
+    then halves the rate when the monitored loss has not improved for PLATEAU_PATIENCE
+    epochs.
+    """
+
+    def __init__(
+        self, kind: str, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int
+    ) -> None:
+        self.kind, self.base_lr = kind, base_lr
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        # At most half the job warms up, so that every schedule still decays (a 1-epoch job
+        # with the default warmup_epochs 1 would otherwise end at its peak rate).
+        self.warmup_steps = min(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch // 2)
+        self.plateau_factor, self.best, self.bad_epochs = 1.0, math.inf, 0
+
+    def lr_at(self, epoch: int, step: int) -> float:
+        """The rate for step `step` (0-based) of epoch `epoch` (1-based)."""
+        index = (epoch - 1) * self.steps_per_epoch + step
+        if index < self.warmup_steps:
+            return self.base_lr * (index + 1) / self.warmup_steps
+        return self.base_lr * self._decay(index)
+
+    def _decay(self, index: int) -> float:
+        if self.kind == "cosine":
+            total = self.epochs * self.steps_per_epoch - self.warmup_steps
+            progress = (index - self.warmup_steps) / max(total, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "step":
+            return float(STEP_DECAY ** (index // self.steps_per_epoch // max(self.epochs // 3, 1)))
+        if self.kind == "plateau":
+            return self.plateau_factor
+        return 1.0
+
+    def apply(self, optimizer: Optimizer, epoch: int, step: int) -> float:
+        lr = self.lr_at(epoch, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def end_epoch(self, epoch: int, monitored: float) -> None:
+        """Feed the plateau schedule the epoch's monitored loss (after warmup)."""
+        if self.kind != "plateau" or epoch * self.steps_per_epoch <= self.warmup_steps:
+            return
+        if monitored < self.best:
+            self.best, self.bad_epochs = monitored, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > PLATEAU_PATIENCE:
+            self.plateau_factor = max(self.plateau_factor * PLATEAU_DECAY, PLATEAU_FLOOR)
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau_factor = float(state["plateau_factor"])
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad"])

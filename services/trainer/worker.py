@@ -20,13 +20,11 @@ from services.trainer.checkpoints import CheckpointError
 from services.trainer.control import Outcome
 from services.trainer.dataset import split_indices
 from services.trainer.group import RankSpec
-from services.trainer.hooks import StoreHooks
 from services.trainer.job import run_training
 from services.trainer.launcher import RankFailedError, RankLostError, Rendezvous, launch_group
 from services.trainer.leases import LeaseBook
 from services.trainer.loop import DeviceUnavailableError, resolve_runtime
-from services.trainer.observe import BUSY, JOBS_RUN
-from services.trainer.telemetry import StepTelemetry
+from services.trainer.reporting import BUSY, JOBS_RUN, StepTelemetry, StoreHooks
 from shared.application import TrainingJobs
 from shared.bootstrap import STORE_OUTAGES
 from shared.bus import JOIN_KIND, NUDGE_KEYS, WORK_QUEUES_OF_TRAINER, Bus, Envelope, work_queue

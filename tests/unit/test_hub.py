@@ -21,7 +21,7 @@ from services.api.hub import Gap, Hub, Outgoing, Subscription, encode, event_mes
 from services.api.routes.ws import BadQueryError, parse_after
 from services.api.session import LiveSession, reply
 from services.trainer.control import StartInfo, StepInfo
-from services.trainer.telemetry import StepTelemetry
+from services.trainer.reporting import StepTelemetry
 from shared.bus import ALL_KEYS, NUDGE_KEYS, Envelope, InProcessBus, routing_key
 from shared.settings import Settings
 from tests.unit.test_bus import settle, until

@@ -21,8 +21,8 @@ from services.trainer.checkpoints import (
     save_model,
 )
 from services.trainer.dataset import synthesise
+from services.trainer.loop import LrSchedule
 from services.trainer.model import build_model, gaussian_nll
-from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig, SyntheticDataset
 from tests.unit.trainer.configs import tiny_config
 

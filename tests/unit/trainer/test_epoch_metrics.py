@@ -17,6 +17,7 @@ from services.trainer.job import run_training
 from services.trainer.loop import (
     EpochPlan,
     Geo,
+    LrSchedule,
     Runtime,
     Split,
     StepParts,
@@ -27,7 +28,6 @@ from services.trainer.loop import (
     validate,
 )
 from services.trainer.model import CHI2_2DOF_68, Localiser, build_model
-from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig
 from shared.readmodel.shapes import EpochMetrics
 from tests.unit.trainer.configs import tiny_config

@@ -14,23 +14,24 @@ from torch import Tensor, nn
 
 from services.trainer import loop
 from services.trainer.control import Checkpoint, Metrics, NullHooks, StepInfo
-from services.trainer.feed import feed, place
 from services.trainer.job import run_training
 from services.trainer.loop import (
     EpochPlan,
     Geo,
+    LrSchedule,
     Runtime,
     Split,
     StepParts,
     Tally,
     epoch_batches,
     epoch_train_metrics,
+    feed,
     haversine_m,
+    place,
     resolve_runtime,
     train_one_epoch,
 )
 from services.trainer.model import Localiser, build_model, gaussian_nll, split_output
-from services.trainer.schedule import LrSchedule
 from shared.config import JobConfig
 from tests.unit.trainer.configs import tiny_config
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.trainer.schedule import PLATEAU_PATIENCE, LrSchedule
+from services.trainer.loop import PLATEAU_PATIENCE, LrSchedule
 
 
 def test_warmup_is_linear_then_cosine_ends_near_zero() -> None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from uuid import uuid4
 
-from services.trainer.hooks import StoreHooks
+from services.trainer.reporting import StoreHooks
 from services.trainer.worker import Trainer
 from shared.bootstrap import build_app, build_read_store
 from shared.bus import InProcessBus
