@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -267,9 +268,17 @@ def launch_group(
         return server.outcome
 
 
+# torch.distributed's errors when a peer rank or node vanished mid-collective (its process
+# or host died): the attempt's worker is lost, not the job's code at fault.
+PEER_LOST = frozenset({"DistBackendError", "DistNetworkError", "DistStoreError"})
+# ... and how gloo says it inside DDP's backward pass, as a plain RuntimeError.
+PEER_LOST_TEXT = re.compile(r"gloo/transport/tcp/.*(Connection (reset|closed) by peer|Read error)")
+
+
 def group_error(failed: ChildFailedError) -> RankLostError | RankFailedError:
     """What a failed group means for its attempt: lost when any rank was ended by a
-    signal (a negative exit code), else the first failing rank's own error."""
+    signal (a negative exit code) or lost its peers (`PEER_LOST`: another node died),
+    else the first failing rank's own error."""
     for rank, failure in sorted(failed.failures.items()):
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
@@ -280,4 +289,6 @@ def group_error(failed: ChildFailedError) -> RankLostError | RankFailedError:
     error_type, _, detail = text.partition(": ")
     if not detail or not error_type.isidentifier():
         error_type, detail = "RankFailedError", text or f"exit code {first.exitcode}"
+    if error_type in PEER_LOST or PEER_LOST_TEXT.search(detail):
+        return RankLostError(f"rank {rank} lost its peers: {detail[:500]}")
     return RankFailedError(error_type, f"rank {rank}: {detail}")

@@ -11,7 +11,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.integration.test_cluster import Cluster, assert_replay_equals_live
-from tests.processes import wait_healthy, wait_status
+from tests.processes import wait_healthy, wait_job, wait_status, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
 
@@ -68,3 +68,39 @@ def test_a_two_node_group_on_localhost_completes(cluster: Cluster) -> None:
     joined = [name for name, text in logs.items() if f"joining job {job_id}" in text]
     assert len(joined) == 1, logs
     assert leader is None or leader not in joined
+
+
+@pytest.mark.timeout(600)
+def test_a_node_killed_mid_run_is_a_lost_worker_and_the_group_forms_again(
+    cluster: Cluster,
+) -> None:
+    """kill -9 of the trainer that joined: its ranks go with it, the other node's ranks
+    lose their peer, and the attempt ends as WorkerLost (not Failed); with another
+    trainer up, the job resumes as a new group and completes."""
+    cluster.trainer("t1")
+    cluster.trainer("t2")
+    small = {"batch_size": 8, "dataset": {"samples": 256, "n_mels": 16, "frames": 16}}
+    job_id = cluster.submit(nodes=2, epochs=2, **small)
+    wait_job(cluster.client, job_id, lambda j: (j.get("current_epoch") or 0) >= 1, 300, "epoch 1")
+    joined = wait_until(
+        lambda: [n for n in ("t1", "t2") if f"joining job {job_id}" in cluster.services[n].log()],
+        30,
+        "a trainer to join",
+    )
+    cluster.services[joined[0]].kill()
+    lost = wait_until(
+        lambda: [e for e in cluster.events(job_id) if e["kind"] == "WorkerLost"], 120, "WorkerLost"
+    )
+    assert len(lost) == 1
+    assert not [e for e in cluster.events(job_id) if e["kind"] == "Failed"]
+    cluster.trainer("t3")
+    row = wait_status(cluster.client, job_id, ("completed", "failed"), 400)
+    assert row["status"] == "completed", row
+    kinds = Counter(e["kind"] for e in cluster.events(job_id))
+    assert (kinds["Started"], kinds["WorkerLost"], kinds["Completed"]) == (2, 1, 1), kinds
+    epochs = [
+        e["data"]["metrics"]["epoch"]
+        for e in cluster.events(job_id)
+        if e["kind"] == "EpochCompleted"
+    ]
+    assert epochs == [1, 2], epochs  # epoch 2, cut short by the kill, recorded once
