@@ -262,22 +262,23 @@ def peak_tflops(device: str, dtype: str, given: float | None) -> tuple[float | N
 
 
 def scaling(config: JobConfig, one: float, cuda: bool) -> Result:
-    """samples/s through `run_training` with 1 and N devices, N the GPUs here."""
+    """samples/s of training steps with 1 and N devices, N the GPUs here: N through the
+    real trainer as a torchrun group (`bench.group.run_system` on the embedded store), the
+    same batch on each device (a global batch N times larger)."""
     n = torch.cuda.device_count() if cuda else 1
     out: Result = {"devices_here": n, "samples_per_second": {"1": one}}
     if n < 2:
         out["note"] = "one device here: scaling from 1 to N needs several"
         return out
-    hooks = WindowHooks(Window(WARMUP_STEPS, cuda))
-    try:
-        with workdir() as tmp, replaced(trainer_job, "export_at_completion", lambda *_: None):
-            run_training(config.model_copy(update={"devices": n}), tmp, hooks)
-    except ValueError as error:  # the trainer does not launch torchrun groups yet
-        out["note"] = f"{n}-device scaling waits for torchrun groups ({error})"
-        return out
-    speed = hooks.window.figures(config.batch_size, 0, None)["samples_per_second"]
+    from bench.group import run_system, trained_samples
+
+    group = config.model_copy(update={"devices": n, "batch_size": n * config.batch_size})
+    group = JobConfig.model_validate(group.model_dump())
+    result = run_system(group, database_url=None)
+    speed = trained_samples(group) / result["step_seconds"]
     out["samples_per_second"][str(n)] = speed
     out["efficiency"] = speed / (n * one)
+    out["first_step_seconds"] = result["first_step_seconds"]
     return out
 
 

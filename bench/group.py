@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,20 @@ def trained_samples(config: JobConfig) -> int:
     return config.epochs * (train // config.batch_size) * config.batch_size
 
 
-def run_system(config: JobConfig) -> Result:
-    """Submit, project, claim, launch the group, train; time the job and its first step."""
+def run_system(config: JobConfig, database_url: str | None = DATABASE_URL) -> Result:
+    """Submit, project, claim, launch the group, train; time the job and its first step.
+    On PostgreSQL, or without `database_url` on the embedded SQLite store (a GPU machine
+    without a database server)."""
     from services.projector.runner import Projector
     from services.trainer.worker import build_trainer
     from shared.bootstrap import build_app, build_read_store
     from shared.bus import InProcessBus
     from shared.settings import Settings
 
-    with fresh_schema("bench_group") as schema, workdir() as tmp:
+    schema_of = fresh_schema("bench_group") if database_url else nullcontext("public")
+    with schema_of as schema, workdir() as tmp:
         settings = Settings(
-            database_url=DATABASE_URL, database_schema=schema, data_dir=tmp, rank_threads=1
+            database_url=database_url, database_schema=schema, data_dir=tmp, rank_threads=1
         )
         jobs, reads, bus = build_app(settings), build_read_store(settings), InProcessBus()
         trainer = build_trainer(settings, jobs, reads, bus)
