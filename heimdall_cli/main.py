@@ -422,7 +422,13 @@ def train(
     if artifacts.exists() and not artifacts.is_dir():
         _refuse(f"--artifacts {artifacts}: exists and is not a directory")
     try:
-        preflight(load_job_config(config))
+        job = load_job_config(config)
+        if job.world_size > 1:
+            _refuse(
+                f"{config}: devices x nodes = {job.world_size} trains as a torchrun group, and"
+                " heimdall train runs one process: submit it to a trainer (heimdall up)"
+            )
+        preflight(job)
         train_from_file(config, artifacts, console, resume_from=resume)  # its last line says how
     except ConfigFileError as error:
         _refuse("; ".join(line.strip() for line in str(error).splitlines()))

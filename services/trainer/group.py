@@ -5,9 +5,10 @@ services.trainer.group SPEC`).
 Every rank trains an equal share of every global batch under DistributedDataParallel
 (NCCL on GPUs, gloo on CPUs), validates the whole validation split (the same weights
 give every rank the same metrics, so schedules and early stopping agree without a
-message), and draws dropout from the same seed. One rank, the reporter, has hooks: it
-reports to the trainer that claimed the job (`services.trainer.launcher`), which writes
-the events; it alone writes checkpoints and the final model. The reporter is the first
+message), and draws dropout from the same seed. Each node's first rank reports to its
+node's trainer (`services.trainer.launcher`), which may ask for a stop; the reporter's
+trainer, the one that claimed the job, writes the events. The reporter alone writes
+checkpoints and the final model. The reporter is the first
 rank on the claiming trainer's node: rank 0 on one host (the c10d rendezvous numbers
 the nodes of a multi-host group in its own order).
 """
@@ -104,7 +105,8 @@ class RankSpec:
     resume_sha256: str | None
     init_weights: str | None
     threads: int  # intra-op threads of each CPU rank
-    hooks_address: str | None  # where rank 0 reports; None on a node that only joins
+    claimed_here: bool  # this node's trainer claimed the job: its first rank reports
+    hooks_address: str | None  # where this node's first rank reports to its trainer
     authkey: str  # hex; the launcher's connection accepts no other
     log_format: str = "json"
     log_level: str = "INFO"
@@ -138,10 +140,12 @@ def main(argv: list[str]) -> None:
     cuda = resolve_runtime(config.accelerator, config.precision, config.devices).cuda
     if not cuda:
         torch.set_num_threads(spec.threads)
-    group = join_group(cuda, spec.hooks_address is not None)
+    group = join_group(cuda, spec.claimed_here)
+    # Each node's first rank reports to its own trainer (the one that claimed the job
+    # records what happens; any may ask for a stop, which every rank then agrees on).
     remote = (
         RemoteHooks(spec.hooks_address, spec.authkey)
-        if group.reporter and spec.hooks_address
+        if group.local_rank == 0 and spec.hooks_address
         else None
     )
     hooks: TrainingHooks = remote or NullHooks()

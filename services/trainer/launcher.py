@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,10 +29,15 @@ import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousParameters,
+)
+from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from services.trainer.control import (
@@ -154,13 +160,14 @@ class _HookServer(threading.Thread):
     """In the trainer: answers the reporter's calls with `hooks`, and keeps the first
     exception they raised for the launcher to raise again when the group is over."""
 
-    def __init__(self, listener: Listener, address: str, authkey: bytes, hooks: TrainingHooks):
+    def __init__(self, listener: Listener, address: str, authkey: bytes, hooks: GroupHooks):
         super().__init__(name="group-hooks", daemon=True)
         self.listener, self.address, self.authkey, self.hooks = listener, address, authkey, hooks
         self.outcome: Outcome | None = None
         self.raised: BaseException | None = None
         self._closing = False
         self._sent = Control.CONTINUE
+        self.connected = threading.Event()  # a rank of this node reports: the group met
 
     def run(self) -> None:
         try:
@@ -170,6 +177,7 @@ class _HookServer(threading.Thread):
         with conn:
             if self._closing:
                 return
+            self.connected.set()
             try:
                 while True:
                     self._serve(conn, *conn.recv())
@@ -206,66 +214,173 @@ class _HookServer(threading.Thread):
         self.join(timeout=5)
 
 
+class GroupHooks(TrainingHooks, Protocol):
+    """What a node's trainer gives `launch_group`: the hooks its first rank reports to,
+    and `pending`, asked while the nodes are still meeting (no rank reports yet)."""
+
+    def pending(self) -> Control:
+        """A stop asked of this node now (pause, cancel, preemption), else CONTINUE."""
+        ...
+
+
+class JoinerHooks:
+    """The hooks of a node that joined another trainer's group: it records nothing (the
+    claiming trainer does) and asks for a stop only when its own trainer is stopping."""
+
+    def __init__(self) -> None:
+        self.preempting = threading.Event()
+
+    def pending(self) -> Control:
+        return Control.PREEMPT if self.preempting.is_set() else Control.CONTINUE
+
+    def on_start(self, info: StartInfo) -> None:
+        return None
+
+    def check(self, step: StepInfo) -> Control:
+        return self.pending()
+
+    def on_epoch(self, metrics: Metrics, is_best: bool, checkpoint: Checkpoint) -> None:
+        return None
+
+    def on_checkpoint(self, epoch: int, uri: str, sha256: str) -> None:
+        return None
+
+
+class GroupStoppedError(RuntimeError):
+    """The node was asked to stop (`control`) before the group met: nothing trained."""
+
+    def __init__(self, control: Control) -> None:
+        super().__init__(f"stopped ({control.value}) before the group's nodes met")
+        self.control = control
+
+
+MEETING_CHECK_SECONDS = 0.5
+GROUP_DIR_PREFIX = "heimdall-group-"
+
+
 def launch_group(
-    spec: RankSpec, devices: int, rendezvous: Rendezvous, hooks: TrainingHooks | None
-) -> Outcome | None:
+    spec: RankSpec, devices: int, rendezvous: Rendezvous, hooks: GroupHooks
+) -> Outcome:
     """Run this node's `devices` ranks of the group until every rank of every node ends.
 
-    With `hooks` (the node that claimed the job) the reporter's calls run them and its
-    outcome is returned; a node that only joins gets None. Raises what the hooks raised
-    (a lost claim, a store outage), RankLostError when a rank was ended by a signal,
+    The node's first rank reports to `hooks`; on the node that claimed the job
+    (`spec.claimed_here`) that rank is the reporter, whose outcome is returned (a node
+    that only joins returns its own rank's view). While the nodes are still meeting,
+    `hooks.pending()` is asked every MEETING_CHECK_SECONDS; a stop closes the
+    rendezvous (every node's wait ends) and raises GroupStoppedError. Raises what the
+    hooks raised (a lost claim, a store outage), RankLostError when a rank was ended by
+    a signal, lost its peers or the rendezvous was closed by another node,
     RankFailedError with the first failing rank's error otherwise (a rendezvous that
     did not fill up in time included).
     """
-    with tempfile.TemporaryDirectory(prefix="heimdall-group-") as private:  # mode 0700
+    remove_orphaned_group_dirs()
+    prefix = f"{GROUP_DIR_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as private:  # mode 0700
         authkey = secrets.token_bytes(32)
         address = os.path.join(private, "hooks")
-        server = None
-        if hooks is not None:
-            listener = Listener(address, family="AF_UNIX", authkey=authkey)
-            server = _HookServer(listener, address, authkey, hooks)
-            server.start()
-        spec = replace(spec, hooks_address=address if hooks else None, authkey=authkey.hex())
-        config = LaunchConfig(
-            min_nodes=rendezvous.nodes,
-            max_nodes=rendezvous.nodes,
-            nproc_per_node=devices,
-            run_id=rendezvous.run_id,
-            rdzv_backend="c10d",
-            rdzv_endpoint=rendezvous.endpoint,
-            rdzv_configs={
-                "is_host": rendezvous.hosts,
-                "join_timeout": rendezvous.timeout_seconds,
-            },
-            max_restarts=0,
-            monitor_interval=MONITOR_SECONDS,
-            start_method="spawn",
-            local_addr=rendezvous.local_addr,
-        )
+        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        server = _HookServer(listener, address, authkey, hooks)
+        server.start()
+        spec = replace(spec, hooks_address=address, authkey=authkey.hex())
         command = ("-m", "services.trainer.group", str(spec.write(Path(private) / "rank.json")))
+        agent = _Agent(_launch_config(devices, rendezvous), command)
+        agent.start()
+        stop = Control.CONTINUE
         try:
-            elastic_launch(config, sys.executable)(*command)
-        except ChildFailedError as failed:
-            if server is not None and server.raised is not None:
-                raise server.raised from None
-            raise group_error(failed) from None
-        except RendezvousError as error:
-            raise RankFailedError(
-                type(error).__name__,
-                f"the group's {rendezvous.nodes} nodes did not all join at"
-                f" {rendezvous.endpoint} within {rendezvous.timeout_seconds:.0f} s: {error}",
-            ) from None
+            while agent.is_alive():
+                agent.join(MEETING_CHECK_SECONDS)
+                if stop is Control.CONTINUE and not server.connected.is_set():
+                    stop = hooks.pending()
+                    if stop is not Control.CONTINUE:
+                        log.info("stopping (%s) while the group meets", stop.value)
+                        close_rendezvous(rendezvous)
         finally:
-            if server is not None:
-                server.close()
-                listener.close()
-        if server is None:
-            return None
+            server.close()
+            listener.close()
         if server.raised is not None:
             raise server.raised
-        if server.outcome is None:
-            raise RankLostError("the group ended without its reporter's outcome")
-        return server.outcome
+        if server.outcome is not None:
+            return server.outcome
+        if stop is not Control.CONTINUE:
+            raise GroupStoppedError(stop)
+        raise _failure(agent.error, rendezvous)
+
+
+def _launch_config(devices: int, rendezvous: Rendezvous) -> LaunchConfig:
+    return LaunchConfig(
+        min_nodes=rendezvous.nodes,
+        max_nodes=rendezvous.nodes,
+        nproc_per_node=devices,
+        run_id=rendezvous.run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint=rendezvous.endpoint,
+        rdzv_configs={"is_host": rendezvous.hosts, "join_timeout": rendezvous.timeout_seconds},
+        max_restarts=0,
+        monitor_interval=MONITOR_SECONDS,
+        start_method="spawn",
+        local_addr=rendezvous.local_addr,
+    )
+
+
+class _Agent(threading.Thread):
+    """torchrun's elastic agent for this node, on a thread of its own; keeps its error."""
+
+    def __init__(self, config: LaunchConfig, command: tuple[str, ...]) -> None:
+        super().__init__(name="group-agent", daemon=True)
+        self.config, self.command = config, command
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            elastic_launch(self.config, sys.executable)(*self.command)
+        except BaseException as error:
+            self.error = error
+
+
+def _failure(error: BaseException | None, rendezvous: Rendezvous) -> Exception:
+    """What an agent's end without an outcome means for the attempt."""
+    if isinstance(error, ChildFailedError):
+        return group_error(error)
+    if isinstance(error, RendezvousClosedError):
+        return RankLostError(f"another node left the group's rendezvous at {rendezvous.endpoint}")
+    if isinstance(error, RendezvousError):
+        detail = f": {error}" if str(error) else ""
+        return RankFailedError(
+            type(error).__name__,
+            f"the group's {rendezvous.nodes} nodes did not all join at {rendezvous.endpoint}"
+            f" within {rendezvous.timeout_seconds:.0f} s{detail}",
+        )
+    if error is not None:
+        return RankFailedError(type(error).__name__, f"torchrun's agent failed: {error}")
+    return RankLostError("the group ended without its reporter's outcome")
+
+
+def close_rendezvous(rendezvous: Rendezvous) -> None:
+    """Close the group's c10d rendezvous, so every node waiting in it stops waiting
+    (`RendezvousHandler.shutdown`). A one-host group meets at once: nothing to close."""
+    if rendezvous.nodes == 1:
+        return
+    params = RendezvousParameters(
+        backend="c10d",
+        endpoint=rendezvous.endpoint,
+        run_id=rendezvous.run_id,
+        min_nodes=rendezvous.nodes,
+        max_nodes=rendezvous.nodes,
+        is_host=False,
+    )
+    try:
+        get_rendezvous_handler(params).shutdown()
+    except Exception as error:  # its store is gone: nobody is waiting there any more
+        log.warning("could not close the rendezvous at %s: %r", rendezvous.endpoint, error)
+
+
+def remove_orphaned_group_dirs() -> None:
+    """Remove the private folders of launches whose trainer died (kill -9 skips the clean
+    up): `heimdall-group-<pid>-*` in the temp folder, for a pid no longer running."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{GROUP_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(GROUP_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # torch.distributed's errors when a peer rank or node vanished mid-collective (its process
@@ -279,10 +394,14 @@ def group_error(failed: ChildFailedError) -> RankLostError | RankFailedError:
     """What a failed group means for its attempt: lost when any rank was ended by a
     signal (a negative exit code) or lost its peers (`PEER_LOST`: another node died),
     else the first failing rank's own error."""
-    for rank, failure in sorted(failed.failures.items()):
-        if failure.exitcode < 0:
-            name = signal.Signals(-failure.exitcode).name
-            return RankLostError(f"rank {rank} (pid {failure.pid}) was ended by {name}")
+    # The agent ends the other ranks with SIGTERM once one fails: name the one that did.
+    signalled = [(r, f) for r, f in failed.failures.items() if f.exitcode < 0]
+    if signalled:
+        rank, failure = min(
+            signalled, key=lambda rf: (rf[1].exitcode == -signal.SIGTERM, rf[1].timestamp)
+        )
+        name = signal.Signals(-failure.exitcode).name
+        return RankLostError(f"rank {rank} (pid {failure.pid}) was ended by {name}")
     rank, first = failed.get_first_failure()
     message = first.message
     text = str(message.get("message", message) if isinstance(message, dict) else message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -92,10 +93,14 @@ class DeviceUnavailableError(RuntimeError):
 def resolve_runtime(accelerator: str, precision: str, devices: int = 1) -> Runtime:
     """CUDA when asked or available; autocast only there (CPU trains in fp32).
     DeviceUnavailableError for a GPU job where CUDA is not available, or sees fewer than
-    `devices` GPUs (one rank each; on a CPU, ranks share the cores)."""
+    `devices` GPUs (one rank each), or a CPU job for more ranks than there are CPUs."""
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise DeviceUnavailableError("accelerator 'gpu' requested but CUDA is not available here")
     if accelerator == "cpu" or not torch.cuda.is_available():
+        if devices > (cpus := os.cpu_count() or 1):
+            raise DeviceUnavailableError(
+                f"devices {devices}: this trainer has {cpus} CPUs, and a CPU rank needs one"
+            )
         return Runtime(torch.device("cpu"), None)
     if devices > (seen := torch.cuda.device_count()):
         raise DeviceUnavailableError(f"devices {devices}: CUDA sees {seen} GPU(s) here")

@@ -176,10 +176,16 @@ class StoreHooks:
         observe_step(self.worker, step)
         self.last_step, self.active_at = step, time.monotonic()
         self.in_steps = step.step < step.steps_per_epoch  # after the last: validation
+        if self.telemetry is not None and not self.preempting.is_set():
+            self.telemetry(step)
+        return self.pending()
+
+    def pending(self) -> Control:
+        """A stop asked now: preemption, or a pause or cancel confirmed against the store
+        (at once after a nudge, else every CONFIRM_SECONDS); ClaimLostError when the job
+        is no longer this attempt's. Also asked while a group's nodes meet."""
         if self.preempting.is_set():
             return Control.PREEMPT
-        if self.telemetry is not None:
-            self.telemetry(step)
         due = time.monotonic() - self._confirmed_at > CONFIRM_SECONDS
         if not (due or self.nudged.is_set()):
             return Control.CONTINUE

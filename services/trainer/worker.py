@@ -11,17 +11,25 @@ import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Literal
 from uuid import UUID
 
 import numpy as np
 import torch
 
 from services.trainer.checkpoints import CheckpointError
-from services.trainer.control import Outcome
+from services.trainer.control import Control, Outcome
 from services.trainer.dataset import split_indices
 from services.trainer.group import RankSpec
 from services.trainer.job import run_training
-from services.trainer.launcher import RankFailedError, RankLostError, Rendezvous, launch_group
+from services.trainer.launcher import (
+    GroupStoppedError,
+    JoinerHooks,
+    RankFailedError,
+    RankLostError,
+    Rendezvous,
+    launch_group,
+)
 from services.trainer.leases import LeaseBook
 from services.trainer.loop import DeviceUnavailableError, resolve_runtime
 from services.trainer.reporting import BUSY, JOBS_RUN, StepTelemetry, StoreHooks
@@ -44,6 +52,12 @@ from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
 PREEMPT_REASON = "the trainer was asked to stop (SIGTERM or SIGINT)"
+# How a stop asked before a group's nodes met ends the attempt.
+STOPPED_AS: dict[Control, Literal["paused", "preempted", "cancelled"]] = {
+    Control.PAUSE: "paused",
+    Control.PREEMPT: "preempted",
+    Control.CANCEL: "cancelled",
+}
 
 
 class TrainerStoppingError(RuntimeError):
@@ -82,6 +96,7 @@ class Trainer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.joined: JoinerHooks | None = None  # a share of another trainer's group
         bus.subscribe_work(self.on_work, WORK_QUEUES_OF_TRAINER[self.kind])
         bus.subscribe_fanout(NUDGE_KEYS, self.on_nudge)
 
@@ -128,6 +143,9 @@ class Trainer:
         if self.current is not None:
             log.info("trainer %s stopping: preempting job %s", self.worker, self.current.job_id)
             self.current.preempting.set()
+        if self.joined is not None:
+            log.info("trainer %s stopping: preempting the group it joined", self.worker)
+            self.joined.preempting.set()
         await self._idle.wait()
         reaper.cancel()
 
@@ -210,6 +228,11 @@ class Trainer:
                     config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256, start
                 )
             hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
+        except GroupStoppedError as stopped:  # before the group met: where the job stood
+            outcome = Outcome(
+                STOPPED_AS[stopped.control], job.current_epoch, job.checkpoint_path, step=0
+            )
+            hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
         except RankLostError as lost:  # the group's attempt is over; resume elsewhere
             log.error("trainer %s: job %s: %s; recording a lost worker", self.worker, job.id, lost)
             hooks.record(
@@ -238,7 +261,7 @@ class Trainer:
     ) -> Outcome:
         """Train as a torchrun group (`launch_group`) whose reporter uses `hooks`; for
         `nodes` above 1, first ask that many other trainers to join (`_invite`)."""
-        spec = self._rank_spec(job, config, hooks.attempt, resume, start)
+        spec = self._rank_spec(job, config, hooks.attempt, resume, start, claimed_here=True)
         run_id = f"{job.id}-{hooks.attempt}"
         if config.nodes == 1:
             rendezvous = Rendezvous.local(run_id)
@@ -253,9 +276,7 @@ class Trainer:
                 self.settings.rendezvous_host,
             )
             self._invite(job, config, hooks.attempt, endpoint)
-        outcome = launch_group(spec, config.devices, rendezvous, hooks)
-        assert outcome is not None  # the claiming node's launch returns the reporter's
-        return outcome
+        return launch_group(spec, config.devices, rendezvous, hooks)
 
     def _rank_spec(
         self,
@@ -264,6 +285,7 @@ class Trainer:
         attempt: int,
         resume: Path | None,
         start: Path | None,
+        claimed_here: bool,
     ) -> RankSpec:
         threads = self.settings.rank_threads or max(1, (os.cpu_count() or 1) // config.devices)
         return RankSpec(
@@ -275,6 +297,7 @@ class Trainer:
             resume_sha256=job.checkpoint_sha256 if resume else None,
             init_weights=str(start) if start else None,
             threads=threads,
+            claimed_here=claimed_here,
             hooks_address=None,
             authkey="",
             log_format=self.settings.log_format,
@@ -320,6 +343,9 @@ class Trainer:
             self.settings.rendezvous_host,
         )
         BUSY.labels(self.worker).set(1)
+        self.joined = JoinerHooks()
+        if self._stopping:
+            self.joined.preempting.set()
         try:
             with job_context(str(job.id)):
                 log.info(
@@ -331,11 +357,13 @@ class Trainer:
                 )
                 parent = config.init_from if resume is None else None
                 start = await asyncio.to_thread(self._parent_weights, parent) if parent else None
-                spec = self._rank_spec(job, config, attempt, resume, start)
-                await asyncio.to_thread(launch_group, spec, config.devices, rendezvous, None)
+                spec = self._rank_spec(job, config, attempt, resume, start, claimed_here=False)
+                hooks = self.joined
+                await asyncio.to_thread(launch_group, spec, config.devices, rendezvous, hooks)
         except Exception as error:  # the claiming trainer records what became of the job
             log.warning("trainer %s: its part of job %s ended: %r", self.worker, job.id, error)
         finally:
+            self.joined = None
             BUSY.labels(self.worker).set(0)
             await asyncio.to_thread(release_memory)
             self._idle.set()

@@ -3,6 +3,7 @@ PostgreSQL and RabbitMQ, CPU ranks of one thread each (DESIGN §6, issue 13)."""
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,28 @@ def test_a_node_killed_mid_run_is_a_lost_worker_and_the_group_forms_again(
         if e["kind"] == "EpochCompleted"
     ]
     assert epochs == [1, 2], epochs  # epoch 2, cut short by the kill, recorded once
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_the_joined_trainer_preempts_the_whole_group(cluster: Cluster) -> None:
+    """The trainer that joined asks for the stop; every rank agrees at one step, the
+    claiming trainer records Preempted (not WorkerLost), and the joiner exits at once."""
+    cluster.trainer("t1")
+    cluster.trainer("t2")
+    small = {"batch_size": 8, "dataset": {"samples": 256, "n_mels": 16, "frames": 16}}
+    job_id = cluster.submit(nodes=2, epochs=3, **small)
+    wait_job(cluster.client, job_id, lambda j: (j.get("current_epoch") or 0) >= 1, 300, "epoch 1")
+    joined = wait_until(
+        lambda: [n for n in ("t1", "t2") if f"joining job {job_id}" in cluster.services[n].log()],
+        30,
+        "a trainer to join",
+    )
+    joiner = cluster.services[joined[0]].process
+    assert joiner is not None
+    joiner.send_signal(signal.SIGTERM)
+    assert joiner.wait(60) == 0
+    wait_until(
+        lambda: any(e["kind"] == "Preempted" for e in cluster.events(job_id)), 60, "Preempted"
+    )  # the claiming trainer, free again, may take the job back at once and wait for a node
+    kinds = Counter(e["kind"] for e in cluster.events(job_id))
+    assert kinds["Preempted"] == 1 and kinds["WorkerLost"] == 0 and kinds["Failed"] == 0, kinds

@@ -120,6 +120,12 @@ def test_an_invalid_config_for_train_is_one_line(tmp_path: Path) -> None:
     refused(run("train", str(path)), "epochs", "batch_size")
 
 
+def test_train_refuses_a_torchrun_group_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("devices: 2\nbatch_size: 16\naccelerator: cpu\n")
+    refused(run("train", str(path)), "devices x nodes = 2", "heimdall up")
+
+
 def test_train_refuses_a_missing_checkpoint_and_a_file_for_artifacts(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("epochs: 1\n")

@@ -211,3 +211,41 @@ async def test_kill_9_of_one_rank_gives_worker_lost_and_a_resume(stack: Stack) -
     assert kinds.count("Started") == 2 and kinds.count("WorkerLost") == 1
     epochs = [e.data["metrics"]["epoch"] for e in events if e.kind == "EpochCompleted"]
     assert epochs == [1, 2, 3]  # epoch 2 was cut short and recorded once, after the resume
+
+
+@pytest.mark.parametrize(
+    ("stop", "kind", "status"),
+    [("cancel", "Cancelled", "cancelled"), ("pause", "Paused", "paused"),
+     ("preempt", "Preempted", "queued")],
+)  # fmt: skip
+async def test_a_stop_while_the_nodes_meet_ends_the_wait_at_once(
+    stack: Stack, stop: str, kind: str, status: str
+) -> None:
+    """A `nodes: 2` job with no second trainer waits at its rendezvous (two minutes here);
+    a cancel, pause or preemption then ends the wait and is recorded, not a failure."""
+    stack.trainer.settings = stack.settings.model_copy(update={"rendezvous_seconds": 120.0})
+    job_id = stack.submit(nodes=2, devices=1)
+    asked: list[float] = []
+
+    def act() -> None:
+        deadline = time.monotonic() + 60
+        while (hooks := stack.trainer.current) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(1.0)  # the claim is stored: the agent now waits for the other node
+        asked.append(time.monotonic())
+        if stop == "preempt":
+            hooks.preempting.set()  # what a trainer told to stop does
+            return
+        getattr(stack.jobs, stop)(job_id, "tester")
+        hooks.nudged.set()
+
+    acting = threading.Thread(target=act, daemon=True)
+    acting.start()
+    assert await stack.run_next()
+    acting.join()
+    waited = time.monotonic() - asked[0]
+    last = stack.jobs.history(job_id)[-1]
+    assert (last.kind, last.status) == (kind, status), stack.kinds(job_id)
+    assert waited < 20, waited  # not the rendezvous timeout
+    assert "Failed" not in stack.kinds(job_id)
