@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev run test lint unit integration e2e asyncapi bench chaos clean
+.PHONY: install install-dev run test lint unit integration e2e asyncapi bench bench-peers chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ asyncapi: install  ## regenerate docs/asyncapi.json from the real subscribers
 
 bench: install-dev  ## every benchmark (about 15 min; needs PostgreSQL and RabbitMQ), then docs/BENCHMARKS.md
 	$(BIN)/python -m bench.run_all --out docs/BENCHMARKS.md
+
+PEERS := .venv-peers
+bench-peers: install-dev  ## the api against MLflow's tracking server (its own venv; about 5 min)
+	test -x $(PEERS)/bin/mlflow || { $(PYTHON) -m venv $(PEERS) && $(PEERS)/bin/pip install -q "mlflow==3.17.0" "psycopg[binary]"; }
+	$(BIN)/python -m bench.run_all --only peers --out docs/BENCHMARKS.md
 
 chaos: install-dev  ## faults at random moments while jobs train and clients watch (TRIALS=100, about 25 min)
 	mkdir -p var && $(BIN)/python -m tests.chaos.run --trials $${TRIALS:-100} --json var/chaos.json --out docs/CHAOS.md

@@ -530,6 +530,67 @@ def _group(f: Figures) -> str:
     )
 
 
+PEER_LABELS = {
+    "create": "create (10 params) / submit",
+    "list": "newest 50 of 1,000",
+    "get": "get one",
+    "history": "200-point history / 200-epoch metrics",
+}
+
+
+def _ok_peers(f: Figures) -> bool:
+    goals = f["goals"]
+    return all(
+        r["throughput"] >= goals["throughput"] and r["p99"] <= goals["p99"]
+        for per_clients in f["ratios"].values()
+        for r in per_clients.values()
+    )
+
+
+def _sum_peers(f: Figures) -> list[list[str]]:
+    worst = min(r["throughput"] for c in f["ratios"].values() for r in c.values())
+    worst_p99 = max(r["p99"] for c in f["ratios"].values() for r in c.values())
+    ratios = f"throughput ≥ {num(worst, 1)}x, p99 ≤ {num(worst_p99, 2)}x (worst cell)"
+    return [["api against MLflow (peer)", "", "", ratios, "≥ 5x, ≤ 1/3", met(_ok_peers(f))]]
+
+
+def _peers(f: Figures) -> str:
+    rows = []
+    for clients, operations in f["ratios"].items():
+        for operation, r in operations.items():
+            ours, theirs = f["heimdall"][clients][operation], f["mlflow"][clients][operation]
+            rows.append(
+                [
+                    PEER_LABELS[operation],
+                    clients,
+                    f"{num(ours['ops_per_s'])} / {num(theirs['ops_per_s'])}",
+                    num(r["throughput"], 1),
+                    f"{num(ours['p99_ms'], 1)} / {num(theirs['p99_ms'], 1)}",
+                    num(r["p99"], 2),
+                    f"{ours['errors']} / {theirs['errors']}",
+                ]
+            )
+    head = ["operation", "clients", "ops/s (api / MLflow)", "ratio", "p99 ms", "ratio", "errors"]
+    memory = f["memory_mb"]
+    return (
+        "## 12. A peer: MLflow's tracking server under the same load (`bench/peers.py`)\n\n"
+        f"{f['peer']}, on its own PostgreSQL database, against the api (one process) and its"
+        f" projector; {f['runs']:,} runs and jobs, one of {f['epochs']} epochs; each cell"
+        f" {num(f['seconds_per_cell'])} s of closed-loop clients, the systems alternating."
+        " MLflow has no one call that creates a run with its params: its create is"
+        " `runs/create` then `runs/log-batch`, timed together. `make bench-peers` runs it"
+        " (MLflow in its own virtualenv).\n\n"
+        + table(head, rows)
+        + f"\nGoal: ≥ 5x the throughput and ≤ 1/3 of the p99 on every operation at 10 and 50"
+        f" clients: {met(_ok_peers(f))}. Peak resident memory: the api"
+        f" {num(memory.get('heimdall_alone'))} MiB alone,"
+        f" {num(memory['heimdall'])} MiB with its model-probe child (torch, started by the"
+        f" submits' model checks, gone after 30 s idle), its projector"
+        f" {num(memory['projector'])} MiB; MLflow's server {num(memory.get('mlflow_alone'))}"
+        f" MiB alone, {num(memory['mlflow'])} MiB with its workers.\n"
+    )
+
+
 QUERY_LABELS = {"list_jobs": "GET /jobs?limit=50", "job_metrics": "GET /jobs/{id}/metrics"}
 SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "trainer": _sum_trainer,
@@ -542,6 +603,7 @@ SUMMARY: dict[str, Callable[[Figures], list[list[str]]]] = {
     "ml": _sum_ml,
     "openloop": _sum_openloop,
     "group": _sum_group,
+    "peers": _sum_peers,
 }
 SECTIONS: dict[str, Callable[[Figures], str]] = {
     "trainer": _trainer,
@@ -554,4 +616,5 @@ SECTIONS: dict[str, Callable[[Figures], str]] = {
     "ml": _ml,
     "openloop": _openloop,
     "group": _group,
+    "peers": _peers,
 }
