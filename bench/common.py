@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -219,3 +219,27 @@ def workdir() -> Iterator[Path]:
 
 def ratio(system: float, bare: float) -> float:
     return system / bare if bare else float("nan")
+
+
+def run_child(module: str, mode: str, quick: bool, timeout: float) -> Result:
+    """One side of a side-by-side bench, `python -m MODULE --child MODE`, in a fresh
+    process (so its peak memory is its own); its figures are its last line of output."""
+    argv = [sys.executable, "-m", module, "--child", mode, *(["--quick"] if quick else [])]
+    # Idle OpenMP threads sleep instead of spinning: on a machine shared with other busy
+    # processes, spinning made a run's CPU time depend on its neighbours (same on both sides).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} ({mode}) failed:\n{done.stderr[-3000:]}")
+    parsed: Result = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+def alternate(rounds: int, run: Callable[[str], Result]) -> dict[str, list[Result]]:
+    """`run("bare")` and `run("system")` alternating ABBA..., so that drift in the
+    machine's load hits both sides alike."""
+    runs: dict[str, list[Result]] = {"bare": [], "system": []}
+    for r in range(rounds):
+        for mode in ("bare", "system") if r % 2 == 0 else ("system", "bare"):
+            runs[mode].append(run(mode))
+    return runs

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from bench.common import DATABASE_URL, Result, emit, fresh_schema, median, parser, ratio, workdir
+from bench.common import (
+    DATABASE_URL,
+    Result,
+    alternate,
+    emit,
+    fresh_schema,
+    median,
+    parser,
+    ratio,
+    run_child,
+    workdir,
+)
 from shared.config import JobConfig
 
 GOAL = 0.95
@@ -162,28 +172,19 @@ def child(mode: str, quick: bool) -> None:
     print(json.dumps(result))
 
 
-def run_child(mode: str, quick: bool) -> Result:
-    argv = [sys.executable, "-m", "bench.group", "--child", mode, *(["--quick"] if quick else [])]
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"group bench ({mode}) failed:\n{done.stderr[-3000:]}")
-    parsed: Result = json.loads(done.stdout.strip().splitlines()[-1])
-    return parsed
-
-
 def main(rounds: int, quick: bool, out: Path | None) -> None:
     """Alternate bare and system runs (ABBA...) so drift in the machine's load hits both."""
-    runs: dict[str, list[Result]] = {"bare": [], "system": []}
-    for r in range(rounds):
-        for mode in ("bare", "system") if r % 2 == 0 else ("system", "bare"):
-            runs[mode].append(run_child(mode, quick))
-            last = runs[mode][-1]
-            print(
-                f"{mode}: {last['samples_per_second']:.1f} samples/s,"
-                f" steps {last['step_samples_per_second']:.1f} samples/s",
-                flush=True,
-            )
+
+    def run(mode: str) -> Result:
+        last = run_child("bench.group", mode, quick, 900)
+        print(
+            f"{mode}: {last['samples_per_second']:.1f} samples/s,"
+            f" steps {last['step_samples_per_second']:.1f} samples/s",
+            flush=True,
+        )
+        return last
+
+    runs = alternate(rounds, run)
     figures = {m: _figures(rs) for m, rs in runs.items()}
     config = job_config(quick)
     first = [r["first_step_seconds"] for r in runs["system"] if r["first_step_seconds"]]

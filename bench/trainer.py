@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +21,14 @@ from bench.bare_loop import StepClock, train_bare
 from bench.common import (
     DATABASE_URL,
     Result,
+    alternate,
     emit,
     fresh_schema,
     median,
     own_peak_rss_mb,
     parser,
     ratio,
+    run_child,
     workdir,
 )
 from shared.config import JobConfig
@@ -122,33 +121,19 @@ def child(mode: str, quick: bool) -> None:
     print(json.dumps(result))
 
 
-def run_child(mode: str, quick: bool) -> Result:
-    argv = [sys.executable, "-m", "bench.trainer", "--child", mode]
-    # Idle OpenMP threads sleep instead of spinning: on a machine shared with other busy
-    # processes, spinning made a run's CPU time depend on its neighbours (same on both sides).
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-    done = subprocess.run(
-        argv + (["--quick"] if quick else []), capture_output=True, text=True, timeout=600, env=env
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"trainer bench ({mode}) failed:\n{done.stderr[-3000:]}")
-    parsed: Result = json.loads(done.stdout.strip().splitlines()[-1])
-    return parsed
-
-
 def main(rounds: int, quick: bool, out: Path | None) -> None:
     """Alternate bare and system runs (ABBA...) so drift in the machine's load hits both."""
-    runs: dict[str, list[Result]] = {"bare": [], "system": []}
-    for r in range(rounds):
-        order = ("bare", "system") if r % 2 == 0 else ("system", "bare")
-        for mode in order:
-            runs[mode].append(run_child(mode, quick))
-            last = runs[mode][-1]
-            print(
-                f"{mode}: {last['samples_per_second']:.1f} samples/s,"
-                f" {last['samples_per_cpu_second']:.1f} per CPU second",
-                flush=True,
-            )
+
+    def run(mode: str) -> Result:
+        last = run_child("bench.trainer", mode, quick, 600)
+        print(
+            f"{mode}: {last['samples_per_second']:.1f} samples/s,"
+            f" {last['samples_per_cpu_second']:.1f} per CPU second",
+            flush=True,
+        )
+        return last
+
+    runs = alternate(rounds, run)
     figures = {m: _figures(rs) for m, rs in runs.items()}
     config = job_config(quick)
     emit(

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,15 @@ def cluster(broker_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
             "artifacts_dir": tmp_path / "artifacts",
         }
     )
-    running = Cluster(settings, tmp_path)
+    with running_cluster(settings, tmp_path) as running:
+        yield running
+
+
+@contextmanager
+def running_cluster(settings: Settings, log_dir: Path) -> Iterator[Cluster]:
+    """An api and a projector up (trainers are the test's to start); every service's
+    log printed when the test fails, every process stopped after it."""
+    running = Cluster(settings, log_dir)
     running.start("api", "api")
     running.start("projector", "projector")
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
-from tests.integration.test_cluster import Cluster, assert_replay_equals_live
-from tests.processes import wait_healthy, wait_job, wait_status, wait_until
+from tests.integration.test_cluster import Cluster, assert_replay_equals_live, running_cluster
+from tests.processes import wait_job, wait_status, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbit]
 
@@ -22,17 +22,20 @@ def cluster(broker_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
     settings = broker_settings.model_copy(
         update={"artifacts_dir": tmp_path / "artifacts", "rank_threads": 1}
     )
-    running = Cluster(settings, tmp_path)
-    running.start("api", "api")
-    running.start("projector", "projector")
-    try:
-        wait_healthy(running.client)
+    with running_cluster(settings, tmp_path) as running:
         yield running
-    except BaseException:
-        print(running.logs())
-        raise
-    finally:
-        running.stop()
+
+
+def joined_trainer(cluster: Cluster, job_id: str) -> str:
+    """The name of the trainer that joined the job's group (its log says so)."""
+    joined: list[str] = wait_until(
+        lambda: [
+            n for n in cluster.services if f"joining job {job_id}" in cluster.services[n].log()
+        ],
+        30,
+        "a trainer to join",
+    )
+    return joined[0]
 
 
 def assert_written_once(cluster: Cluster, job_id: str, epochs: int) -> None:
@@ -65,10 +68,10 @@ def test_a_two_node_group_on_localhost_completes(cluster: Cluster) -> None:
     assert row["status"] == "completed", row
     assert_written_once(cluster, job_id, 2)
     leader = row["worker"] if row.get("worker") else None
-    logs = {name: cluster.services[name].log() for name in ("t1", "t2")}
-    joined = [name for name, text in logs.items() if f"joining job {job_id}" in text]
-    assert len(joined) == 1, logs
-    assert leader is None or leader not in joined
+    joined = joined_trainer(cluster, job_id)
+    others = [n for n in ("t1", "t2") if n != joined]
+    assert f"joining job {job_id}" not in cluster.services[others[0]].log()
+    assert leader is None or leader != joined
 
 
 @pytest.mark.timeout(600)
@@ -83,12 +86,7 @@ def test_a_node_killed_mid_run_is_a_lost_worker_and_the_group_forms_again(
     small = {"batch_size": 8, "dataset": {"samples": 256, "n_mels": 16, "frames": 16}}
     job_id = cluster.submit(nodes=2, epochs=2, **small)
     wait_job(cluster.client, job_id, lambda j: (j.get("current_epoch") or 0) >= 1, 300, "epoch 1")
-    joined = wait_until(
-        lambda: [n for n in ("t1", "t2") if f"joining job {job_id}" in cluster.services[n].log()],
-        30,
-        "a trainer to join",
-    )
-    cluster.services[joined[0]].kill()
+    cluster.services[joined_trainer(cluster, job_id)].kill()
     lost = wait_until(
         lambda: [e for e in cluster.events(job_id) if e["kind"] == "WorkerLost"], 120, "WorkerLost"
     )
@@ -116,12 +114,7 @@ def test_sigterm_to_the_joined_trainer_preempts_the_whole_group(cluster: Cluster
     small = {"batch_size": 8, "dataset": {"samples": 256, "n_mels": 16, "frames": 16}}
     job_id = cluster.submit(nodes=2, epochs=3, **small)
     wait_job(cluster.client, job_id, lambda j: (j.get("current_epoch") or 0) >= 1, 300, "epoch 1")
-    joined = wait_until(
-        lambda: [n for n in ("t1", "t2") if f"joining job {job_id}" in cluster.services[n].log()],
-        30,
-        "a trainer to join",
-    )
-    joiner = cluster.services[joined[0]].process
+    joiner = cluster.services[joined_trainer(cluster, job_id)].process
     assert joiner is not None
     joiner.send_signal(signal.SIGTERM)
     assert joiner.wait(60) == 0
