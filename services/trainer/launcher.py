@@ -255,6 +255,7 @@ class GroupStoppedError(RuntimeError):
 
 
 MEETING_CHECK_SECONDS = 0.5
+STOP_GRACE_SECONDS = 5.0  # for the agent to leave a closed rendezvous
 GROUP_DIR_PREFIX = "heimdall-group-"
 
 
@@ -285,15 +286,23 @@ def launch_group(
         command = ("-m", "services.trainer.group", str(spec.write(Path(private) / "rank.json")))
         agent = _Agent(_launch_config(devices, rendezvous), command)
         agent.start()
-        stop = Control.CONTINUE
+        stop, stopped_at = Control.CONTINUE, 0.0
         try:
             while agent.is_alive():
                 agent.join(MEETING_CHECK_SECONDS)
-                if stop is Control.CONTINUE and not server.connected.is_set():
+                if server.connected.is_set():
+                    continue  # the ranks run: stops arrive with their step reports
+                if stop is Control.CONTINUE:
                     stop = hooks.pending()
                     if stop is not Control.CONTINUE:
                         log.info("stopping (%s) while the group meets", stop.value)
                         close_rendezvous(rendezvous)
+                        stopped_at = time.monotonic()
+                elif time.monotonic() - stopped_at > STOP_GRACE_SECONDS:
+                    # Its agent is still in the rendezvous (it can miss the close under
+                    # load): leave it to its timeout; ranks it may yet start find no one.
+                    log.warning("torchrun's agent is still meeting; leaving it to time out")
+                    break
         finally:
             server.close()
             listener.close()
