@@ -35,9 +35,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import (
     RendezvousClosedError,
     RendezvousError,
-    RendezvousParameters,
 )
-from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from services.trainer.control import (
@@ -255,7 +253,6 @@ class GroupStoppedError(RuntimeError):
 
 
 MEETING_CHECK_SECONDS = 0.5
-STOP_GRACE_SECONDS = 5.0  # for the agent to leave a closed rendezvous
 GROUP_DIR_PREFIX = "heimdall-group-"
 
 
@@ -267,11 +264,12 @@ def launch_group(
     The node's first rank reports to `hooks`; on the node that claimed the job
     (`spec.claimed_here`) that rank is the reporter, whose outcome is returned (a node
     that only joins returns its own rank's view). While the nodes are still meeting,
-    `hooks.pending()` is asked every MEETING_CHECK_SECONDS; a stop closes the
-    rendezvous (every node's wait ends) and raises GroupStoppedError. Raises what the
-    hooks raised (a lost claim, a store outage), RankLostError when a rank was ended by
-    a signal, lost its peers or the rendezvous was closed by another node,
-    RankFailedError with the first failing rank's error otherwise (a rendezvous that
+    `hooks.pending()` is asked every MEETING_CHECK_SECONDS; a stop asked then raises
+    GroupStoppedError once the agent gives up (its rendezvous timeout) unless the group
+    met and ran, in which case the ranks obey it at their first step.
+    Raises what the hooks raised (a lost claim, a store outage), RankLostError when a
+    rank was ended by a signal, lost its peers or the rendezvous was closed by another
+    node, RankFailedError with the first failing rank's error otherwise (a rendezvous that
     did not fill up in time included).
     """
     remove_orphaned_group_dirs()
@@ -286,7 +284,7 @@ def launch_group(
         command = ("-m", "services.trainer.group", str(spec.write(Path(private) / "rank.json")))
         agent = _Agent(_launch_config(devices, rendezvous), command)
         agent.start()
-        stop, stopped_at = Control.CONTINUE, 0.0
+        stop = Control.CONTINUE
         try:
             while agent.is_alive():
                 agent.join(MEETING_CHECK_SECONDS)
@@ -295,14 +293,9 @@ def launch_group(
                 if stop is Control.CONTINUE:
                     stop = hooks.pending()
                     if stop is not Control.CONTINUE:
-                        log.info("stopping (%s) while the group meets", stop.value)
-                        close_rendezvous(rendezvous)
-                        stopped_at = time.monotonic()
-                elif time.monotonic() - stopped_at > STOP_GRACE_SECONDS:
-                    # Its agent is still in the rendezvous (it can miss the close under
-                    # load): leave it to its timeout; ranks it may yet start find no one.
-                    log.warning("torchrun's agent is still meeting; leaving it to time out")
-                    break
+                        # The agent waits until the other nodes come or its rendezvous
+                        # times out; the stop is then recorded rather than a failure.
+                        log.info("stop (%s) asked while the group meets", stop.value)
         finally:
             server.close()
             listener.close()
@@ -362,25 +355,6 @@ def _failure(error: BaseException | None, rendezvous: Rendezvous) -> Exception:
     if error is not None:
         return RankFailedError(type(error).__name__, f"torchrun's agent failed: {error}")
     return RankLostError("the group ended without its reporter's outcome")
-
-
-def close_rendezvous(rendezvous: Rendezvous) -> None:
-    """Close the group's c10d rendezvous, so every node waiting in it stops waiting
-    (`RendezvousHandler.shutdown`). A one-host group meets at once: nothing to close."""
-    if rendezvous.nodes == 1:
-        return
-    params = RendezvousParameters(
-        backend="c10d",
-        endpoint=rendezvous.endpoint,
-        run_id=rendezvous.run_id,
-        min_nodes=rendezvous.nodes,
-        max_nodes=rendezvous.nodes,
-        is_host=False,
-    )
-    try:
-        get_rendezvous_handler(params).shutdown()
-    except Exception as error:  # its store is gone: nobody is waiting there any more
-        log.warning("could not close the rendezvous at %s: %r", rendezvous.endpoint, error)
 
 
 def remove_orphaned_group_dirs() -> None:
