@@ -6,11 +6,10 @@ Every rank trains an equal share of every global batch under DistributedDataPara
 (NCCL on GPUs, gloo on CPUs), validates the whole validation split (the same weights
 give every rank the same metrics, so schedules and early stopping agree without a
 message), and draws dropout from the same seed. Each node's first rank reports to its
-node's trainer (`services.trainer.launcher`), which may ask for a stop; the reporter's
-trainer, the one that claimed the job, writes the events. The reporter alone writes
-checkpoints and the final model. The reporter is the first
-rank on the claiming trainer's node: rank 0 on one host (the c10d rendezvous numbers
-the nodes of a multi-host group in its own order).
+node's trainer (`services.trainer.launcher`), which may ask for a stop. The reporter is
+the first rank on the node of the trainer that claimed the job (rank 0 on one host; the
+c10d rendezvous numbers the nodes of a multi-host group in its own order): its trainer
+writes the events, and it alone writes checkpoints and the final model.
 """
 
 from __future__ import annotations
@@ -123,8 +122,9 @@ class RankSpec:
 
 @record
 def main(argv: list[str]) -> None:
-    """One rank: join the group, train, and (rank 0) report the outcome. An exception
-    ends the process with its message in torchrun's error file, which ends the group."""
+    """One rank: join the group, train, and (each node's first rank) report to its
+    trainer. An exception ends the process with its message in torchrun's error file,
+    which ends the group."""
     from services.trainer.job import run_training
     from services.trainer.launcher import RemoteHooks
     from services.trainer.loop import resolve_runtime

@@ -228,11 +228,6 @@ class Trainer:
                     config, workdir, hooks, resume, hooks.attempt, job.checkpoint_sha256, start
                 )
             hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
-        except GroupStoppedError as stopped:  # before the group met: where the job stood
-            outcome = Outcome(
-                STOPPED_AS[stopped.control], job.current_epoch, job.checkpoint_path, step=0
-            )
-            hooks.record(outcome.kind, lambda: record_outcome(self.jobs, hooks, outcome))
         except RankLostError as lost:  # the group's attempt is over; resume elsewhere
             log.error("trainer %s: job %s: %s; recording a lost worker", self.worker, job.id, lost)
             hooks.record(
@@ -260,23 +255,32 @@ class Trainer:
         start: Path | None,
     ) -> Outcome:
         """Train as a torchrun group (`launch_group`) whose reporter uses `hooks`; for
-        `nodes` above 1, first ask that many other trainers to join (`_invite`)."""
+        `nodes` above 1, first ask that many other trainers to join (`_invite`). A stop
+        asked before the nodes met ends where the job stood."""
         spec = self._rank_spec(job, config, hooks.attempt, resume, start, claimed_here=True)
-        run_id = f"{job.id}-{hooks.attempt}"
         if config.nodes == 1:
-            rendezvous = Rendezvous.local(run_id)
+            rendezvous = Rendezvous.local(run_id(job.id, hooks.attempt))
         else:
             endpoint = f"{self.settings.rendezvous_host}:{free_port()}"
-            rendezvous = Rendezvous(
-                endpoint,
-                True,
-                run_id,
-                config.nodes,
-                self.settings.rendezvous_seconds,
-                self.settings.rendezvous_host,
-            )
+            rendezvous = self._rendezvous(job.id, hooks.attempt, config.nodes, endpoint, True)
             self._invite(job, config, hooks.attempt, endpoint)
-        return launch_group(spec, config.devices, rendezvous, hooks)
+        try:
+            return launch_group(spec, config.devices, rendezvous, hooks)
+        except GroupStoppedError as stopped:
+            return Outcome(STOPPED_AS[stopped.control], job.current_epoch, job.checkpoint_path)
+
+    def _rendezvous(
+        self, job_id: UUID, attempt: int, nodes: int, endpoint: str, hosts: bool
+    ) -> Rendezvous:
+        """A multi-node group's c10d rendezvous at `endpoint`, as this trainer sees it."""
+        return Rendezvous(
+            endpoint,
+            hosts,
+            run_id(job_id, attempt),
+            nodes,
+            self.settings.rendezvous_seconds,
+            self.settings.rendezvous_host,
+        )
 
     def _rank_spec(
         self,
@@ -334,14 +338,7 @@ class Trainer:
     async def _run_join(self, job: TrainingJob, attempt: int, endpoint: str) -> None:
         config = JobConfig.model_validate(job.config)
         resume = Path(job.checkpoint_path) if job.checkpoint_path else None
-        rendezvous = Rendezvous(
-            endpoint,
-            False,
-            f"{job.id}-{attempt}",
-            config.nodes,
-            self.settings.rendezvous_seconds,
-            self.settings.rendezvous_host,
-        )
+        rendezvous = self._rendezvous(job.id, attempt, config.nodes, endpoint, False)
         BUSY.labels(self.worker).set(1)
         self.joined = JoinerHooks()
         if self._stopping:
@@ -431,6 +428,11 @@ class Trainer:
 
     def _lose(self, job_id: UUID, attempt: int) -> None:
         self.jobs.lose_worker(job_id, attempt, self.worker)
+
+
+def run_id(job_id: UUID, attempt: int) -> str:
+    """The torchrun run id of a job's attempt: the same on every node of its group."""
+    return f"{job_id}-{attempt}"
 
 
 def free_port() -> int:
