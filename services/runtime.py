@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from functools import partial
 from types import FrameType
 
 import uvicorn
@@ -32,6 +33,11 @@ def build_api(settings: Settings, with_projector: bool) -> tuple[ApiContext, lis
         context.watch = DatabaseWatch(settings.database_url)
         context.watch.guard(*postgres_pools(jobs, reads))
         background.append(context.watch.run_forever)
+        if reads.projected_channel and not with_projector:
+            listen = partial(
+                context.freshness.listen_forever, settings.database_url, reads.projected_channel
+            )
+            background.append(listen)
     if with_projector:
         projector = Projector(
             jobs, reads, bus, settings.poll_seconds, settings.database_url, settings.sweep_seconds

@@ -5,8 +5,12 @@ read tables have projected that position; a query may name a position to wait fo
 (`?min_position=` or the `Heimdall-Position` header). Both waits are bounded: past
 `read_wait_seconds` the answer is 503 with Retry-After, never a stale read.
 
-One poller per api process reads the projected position for every waiter at once, and an
-embedded projector tells it directly (`advance`), so a wait costs no query there.
+The projector announces each projected position on PostgreSQL's NOTIFY channel of the
+read tables (`ReadStore.projected_channel`) when its transaction commits; the api LISTENs
+(`listen_forever`), so a wait ends as soon as the position is readable, without a query.
+An embedded projector tells it directly (`advance`). A poller reads the projected position
+for every waiter at once: every 5 ms while no LISTEN connection is up (an outage, SQLite
+without an embedded projector), every 100 ms as a safety net while one is.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import asyncio
 import contextlib
 import logging
 
+import psycopg
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from psycopg import sql
 
 from shared.readmodel.store import ReadStore
+from shared.waiting import wait_event
 
 log = logging.getLogger(__name__)
 POSITION_HEADER = "Heimdall-Position"
 POLL_SECONDS = 0.005
+POLL_SECONDS_LISTENING = 0.1
+RELISTEN_SECONDS = 1.0
 RETRY_AFTER_SECONDS = "2"
 
 
@@ -48,6 +57,7 @@ class ReadFreshness:
         self._changed = asyncio.Condition()
         self._poller: asyncio.Task[None] | None = None
         self._waiting = 0
+        self.listening = False
 
     def advance(self, position: int) -> None:
         """The read tables hold everything up to `position` (on the api's event loop)."""
@@ -81,7 +91,29 @@ class ReadFreshness:
                 if positions["projected"] > self.projected:
                     self.projected = positions["projected"]
                     await self._wake_all()
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(POLL_SECONDS_LISTENING if self.listening else POLL_SECONDS)
+
+    async def listen_forever(self, url: str, channel: str, stop: asyncio.Event) -> None:
+        """Follow the projector's announcements on `channel` (PostgreSQL LISTEN) until
+        `stop`. A lost connection is opened again every second; the poller covers the gap
+        (every 5 ms while anyone waits, and every 100 ms once listening again)."""
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    url, autocommit=True, connect_timeout=2
+                ) as conn:
+                    await conn.execute(listen)
+                    self.listening = True
+                    while not stop.is_set():
+                        async for notify in conn.notifies(timeout=RELISTEN_SECONDS):
+                            self.advance(int(notify.payload))
+            except (psycopg.Error, OSError, ValueError) as error:
+                if self.listening:
+                    log.info("read waits: LISTEN %s lost (%s); polling meanwhile", channel, error)
+            finally:
+                self.listening = False
+            await wait_event(stop, RELISTEN_SECONDS)
 
     async def _wake_all(self) -> None:
         async with self._changed:

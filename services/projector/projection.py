@@ -50,6 +50,7 @@ class JobsProjection:
             )
             if not moved:
                 return 0
+            self.store.announce_projected(tx, last)
             tx.upsert_many("training_jobs", JOB_COLUMNS, ("id",), rows)
             tx.upsert_many("training_metrics", METRIC_COLUMNS, ("job_id", "epoch"), metrics)
         return len(notifications)

@@ -65,8 +65,7 @@ class Projector:
         gives in one transaction (exactly once: the position moves in the same one)."""
         handled = 0
         while True:
-            position = (await asyncio.to_thread(self.store.positions))["projected"]
-            batch = await asyncio.to_thread(self._select, position)
+            batch = await asyncio.to_thread(self._pending, "projected")
             if not batch:
                 return handled
             await self._project_page(batch)
@@ -113,24 +112,28 @@ class Projector:
             hook(position)
 
     async def publish_pending(self) -> int:
-        """Publish, in order, every projected event the bus has not confirmed yet."""
+        """Publish, in order, every projected event the bus has not confirmed yet; the
+        published position is recorded once a page (a crash re-publishes at most that page:
+        consumers dedupe by position)."""
         published = 0
         while True:
-            positions = await asyncio.to_thread(self.store.positions)
-            if positions["published"] >= positions["projected"]:
+            batch = await asyncio.to_thread(self._pending, "published")
+            if not batch:
                 return published
-            batch = await asyncio.to_thread(self._select, positions["published"])
-            for notification in batch:
-                if notification.id > positions["projected"]:
-                    break
-                envelope = Envelope.of(self.app.decode(notification))
-                await self.bus.publish(envelope)
-                work = await asyncio.to_thread(self._work_for, envelope)
-                if work is not None:
-                    await self.bus.publish(work)
-                await asyncio.to_thread(self.store.record_published, notification.id)
-                EVENTS_PUBLISHED.inc()
-                published += 1
+            confirmed = 0
+            try:
+                for notification in batch:
+                    envelope = Envelope.of(self.app.decode(notification))
+                    await self.bus.publish(envelope)
+                    work = await self._work_for(envelope)
+                    if work is not None:
+                        await self.bus.publish(work)
+                    confirmed = notification.id
+                    EVENTS_PUBLISHED.inc()
+                    published += 1
+            finally:
+                if confirmed:
+                    await asyncio.to_thread(self.store.record_published, confirmed)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Follow the log until `stop`. Projecting and publishing are separate loops: the
@@ -174,14 +177,14 @@ class Projector:
             await wait_event(wake, self.poll_seconds)
             wake.clear()
 
-    def _work_for(self, envelope: Envelope) -> Envelope | None:
+    async def _work_for(self, envelope: Envelope) -> Envelope | None:
         """The work message that follows an event leaving its job runnable, routed by what
         the job needs (its config, from the event or else from the job's row)."""
         if envelope.routing_key not in WORK_KEYS or envelope.status != QUEUED:
             return None
         config = envelope.data.get("config")
         if not isinstance(config, dict):
-            row = self.store.get_job(envelope.job_id)
+            row = await asyncio.to_thread(self.store.get_job, envelope.job_id)
             if row is None:
                 return None
             config = JobState.model_validate(row).config
@@ -231,6 +234,17 @@ class Projector:
 
     def _select(self, after: int) -> Sequence[Notification]:
         return self.app.recorder.select_notifications(after, BATCH, inclusive_of_start=False)
+
+    def _pending(self, stage: str) -> Sequence[Notification]:
+        """The next page of events past the `stage` position ("projected" or "published");
+        a page to publish stops at the projected position. Blocking: one thread hop."""
+        positions = self.store.positions()
+        if stage == "projected":
+            return self._select(positions["projected"])
+        if positions["published"] >= positions["projected"]:
+            return ()
+        page = self._select(positions["published"])
+        return [n for n in page if n.id <= positions["projected"]]
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake on PostgreSQL NOTIFY from eventsourcing's inserts; polling stays the fallback."""

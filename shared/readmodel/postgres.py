@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,12 @@ from shared.readmodel.store import ReadStore, Row, Tx, last_per_key, rows_of
 # From this many rows an upsert goes through COPY into a staging table: one statement
 # for all of them instead of one per row (a replay writes pages of hundreds).
 COPY_FROM_ROWS = 32
+
+
+def projected_channel(schema: str) -> str:
+    """The NOTIFY channel on which the projected position of `schema`'s read tables is
+    announced: one per schema, a valid identifier within PostgreSQL's 63 bytes."""
+    return "heimdall_projected_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
 
 
 class _PostgresTx:
@@ -56,6 +63,7 @@ class PostgresReadStore(ReadStore):
     NOW_SQL = "EXTRACT(EPOCH FROM clock_timestamp())"
 
     def __init__(self, url: str, schema: str, pool_size: int = 10) -> None:
+        self.projected_channel = projected_channel(schema)
         self.pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             url,
             min_size=1,
@@ -80,6 +88,10 @@ class PostgresReadStore(ReadStore):
         """Statements on an autocommit connection: one round trip each."""
         with self.pool.connection() as conn, conn.cursor() as cursor:
             yield _PostgresTx(cursor)
+
+    def announce_projected(self, tx: Tx, position: int) -> None:
+        """NOTIFY is transactional: listeners hear it only once `tx` commits."""
+        tx.execute("SELECT pg_notify(?, ?)", [self.projected_channel, str(position)])
 
     def close(self) -> None:
         self.pool.close()

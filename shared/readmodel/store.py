@@ -51,6 +51,9 @@ class ReadStore(ABC):
     # The database's own clock in seconds since the epoch, as SQL: every host that compares
     # times (leases) reads this one clock, never its own.
     NOW_SQL = "0"
+    # Where a committed move of the projected position is announced (PostgreSQL's LISTEN
+    # channel), or None where nothing announces it (SQLite: the projector runs in the api).
+    projected_channel: str | None = None
 
     @abstractmethod
     @contextmanager
@@ -141,6 +144,11 @@ class ReadStore(ABC):
         with self.reading() as tx:
             rows = tx.fetchall("SELECT status, COUNT(*) AS n FROM training_jobs GROUP BY status")
         return {str(r["status"]): int(r["n"]) for r in rows}
+
+    def announce_projected(self, tx: Tx, position: int) -> None:
+        """Tell `projected_channel`'s listeners, when `tx` commits, that the read tables
+        hold `position`. Nothing to do without a channel."""
+        return None
 
     def positions(self) -> dict[str, int]:
         with self.reading() as tx:
