@@ -18,6 +18,7 @@ from services.api.availability import DatabaseWatch
 from services.api.deps import ApiContext
 from services.projector.runner import Projector
 from shared.bootstrap import build_app, build_bus, build_read_store, postgres_pools
+from shared.lifetime import freeze_startup_heap
 from shared.metrics import StoreCollector, serve_metrics
 from shared.settings import Settings
 
@@ -79,6 +80,7 @@ def serve_http(app: FastAPI, settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         ws_max_size=settings.ws_max_message_bytes,
     )
+    freeze_startup_heap()
     GracefulServer(config).run()
 
 
@@ -113,6 +115,7 @@ def run_projector(settings: Settings) -> None:
         stop_on_signals(stop)
         serve_metrics(settings, StoreCollector(jobs, reads, job_counts=False))
         await bus.start()
+        freeze_startup_heap()
         log.info("projector ready")
         try:
             await projector.run_forever(stop)

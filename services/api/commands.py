@@ -7,11 +7,10 @@ forgotten by a route.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, ParamSpec
 from uuid import UUID
-
-from starlette.concurrency import run_in_threadpool
 
 from services.api.freshness import ReadFreshness
 from services.api.preflight import Estimate
@@ -64,6 +63,6 @@ class Commands:
     ) -> Accepted:
         """The use case (on the thread pool: eventsourcing is synchronous), then the wait
         for its position in the read tables."""
-        accepted = await run_in_threadpool(use_case, *args, **kwargs)
+        accepted = await asyncio.to_thread(use_case, *args, **kwargs)
         await self.freshness.require(accepted.position, stored=True)
         return accepted

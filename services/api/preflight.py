@@ -140,6 +140,15 @@ def check_init_from(config: JobConfig, jobs: TrainingJobs) -> None:
     parent.check_seeds(config.model_architecture, (mine, trained))
 
 
+def check_submit(config: JobConfig, jobs: TrainingJobs, max_dataset_bytes: int) -> Estimate:
+    """Every check a submit passes before it is stored: `preflight`, then
+    `check_init_from`, in one call (one worker-thread hop for an async route). Raises
+    what they raise."""
+    estimate = preflight(config, max_dataset_bytes)
+    check_init_from(config, jobs)
+    return estimate
+
+
 def _trained_shape(parent: TrainingJob) -> tuple[int, int, int]:
     """The input shape `parent` trained on: its dataset's, as its config names it."""
     try:

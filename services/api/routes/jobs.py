@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, TypeAdapter
-from starlette.concurrency import run_in_threadpool
 
 from services.api.auth import current_client
 from services.api.deps import (
@@ -18,7 +19,7 @@ from services.api.deps import (
     require_database,
 )
 from services.api.freshness import POSITION_HEADER
-from services.api.preflight import check_init_from, preflight
+from services.api.preflight import check_submit
 from services.api.schemas import (
     ERROR_RESPONSES,
     CommandResult,
@@ -74,8 +75,8 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
-    estimate = await run_in_threadpool(preflight, body.config, context.settings.max_dataset_bytes)
-    await run_in_threadpool(check_init_from, body.config, context.jobs)
+    limit = context.settings.max_dataset_bytes
+    estimate = await asyncio.to_thread(check_submit, body.config, context.jobs, limit)
     config = body.config.model_dump(mode="json")
     key = idempotency_key.strip() if idempotency_key else None  # HTTP trims header values
     accepted = await context.commands.submit(
@@ -85,7 +86,7 @@ async def submit_job(
 
 
 @router.get("/jobs", response_model=JobList, dependencies=READ_AFTER)
-def list_jobs(
+async def list_jobs(
     context: ContextDep,
     status: StatusQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -93,6 +94,12 @@ def list_jobs(
     include_archived: bool = False,
 ) -> Response:
     """Jobs, newest first, optionally of one status."""
+    return await asyncio.to_thread(_job_list, context, status, limit, offset, include_archived)
+
+
+def _job_list(
+    context: ApiContext, status: str | None, limit: int, offset: int, include_archived: bool
+) -> Response:
     rows, total = context.reads.list_jobs(status, limit, offset, include_archived)
     return _json(
         JobList.model_validate({"jobs": [context.job_view(r) for r in rows], "total": total})
@@ -100,28 +107,37 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, dependencies=READ_AFTER)
-def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> JobDetail:
+async def get_job(job_id: JobIdDep, context: ContextDep, request: Request) -> Response:
     """One job with its latest metrics and where to watch it live."""
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    websocket_url = f"{scheme}://{request.url.netloc}/ws/training/{job_id}"
+    return await asyncio.to_thread(_job_detail, context, job_id, websocket_url)
+
+
+def _job_detail(context: ApiContext, job_id: UUID, websocket_url: str) -> Response:
     row = context.reads.get_job(str(job_id))
     if row is None:
         raise JobNotFoundError(f"job {job_id} not found")
     recent = context.reads.metrics(str(job_id), RECENT_METRICS, latest=True)
-    scheme = "wss" if request.url.scheme == "https" else "ws"
-    ws = f"{scheme}://{request.url.netloc}/ws/training/{job_id}"
-    return JobDetail(
+    detail = JobDetail(
         job=Job(**context.job_view(row)),
         recent_metrics=[MetricRow(**metric_json(m)) for m in recent],
-        websocket_url=ws,
+        websocket_url=websocket_url,
     )
+    return _json(detail)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=list[MetricRow], dependencies=READ_AFTER)
-def job_metrics(
+async def job_metrics(
     job_id: JobIdDep,
     context: ContextDep,
     limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
 ) -> Response:
     """Per-epoch metrics, ascending by epoch."""
+    return await asyncio.to_thread(_job_metrics, context, job_id, limit)
+
+
+def _job_metrics(context: ApiContext, job_id: UUID, limit: int | None) -> Response:
     rows = context.reads.job_metrics(str(job_id), limit)
     if rows is None:  # not projected yet, or not a job at all (404)
         context.jobs.get_job(job_id)
