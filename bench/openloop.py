@@ -60,6 +60,8 @@ CONFIG: dict[str, Any] = {
     "dataset": {"samples": 256, "n_mels": 16, "frames": 16},
 }
 POLL_SECONDS = 0.005
+WARM_UP_REQUESTS = 5
+API_PATHS = {"get": f"{API}/jobs?limit=20", "post": f"{API}/jobs"}
 HEAD_SQL = "SELECT max(notification_id) FROM trainingjobs_events"
 PROJECTED_SQL = "SELECT position FROM projector_positions WHERE name = 'projected'"
 
@@ -102,6 +104,19 @@ async def offer(
         return samples, time.perf_counter() - started
 
 
+async def warm_up(base: str, paths: dict[str, str]) -> None:
+    """A few requests of each kind before the measured window, on either side: the first
+    submit of the bench's config costs the api one model probe (35-160 ms, once per
+    architecture, shape and batch size), which a running api pays once per new config."""
+    body = {"job_name": "warm-up", "description": "", "config": CONFIG}
+    async with aiohttp.ClientSession(base) as client:
+        for _ in range(WARM_UP_REQUESTS):
+            async with client.get(paths["get"]) as response:
+                response.raise_for_status()
+            async with client.post(paths["post"], json=body) as response:
+                response.raise_for_status()
+
+
 async def watch_lag(schema: str, stop: asyncio.Event) -> list[float]:
     """Seconds from each store position's appearance to its projection, polled."""
     seen: dict[int, float] = {}
@@ -139,8 +154,7 @@ async def api_round(
     """One round against the api, with the projector's lag watched meanwhile."""
     stop = asyncio.Event()
     lag = asyncio.create_task(watch_lag(schema, stop))
-    paths = {"get": f"{API}/jobs?limit=20", "post": f"{API}/jobs"}
-    samples, took = await offer(base, paths, rate, seconds, clients, seed)
+    samples, took = await offer(base, API_PATHS, rate, seconds, clients, seed)
     stop.set()
     return samples, took, await lag
 
@@ -205,6 +219,7 @@ def main(
                     try:
                         base = f"http://127.0.0.1:{api_port}"
                         wait_http(f"{base}/health", 120)
+                        asyncio.run(warm_up(base, API_PATHS))
                         before = cpu_seconds(server, projector)
                         samples, took, lag = asyncio.run(
                             api_round(base, schema, rate, seconds, clients, seed=r)
@@ -221,6 +236,7 @@ def main(
                         base = f"http://127.0.0.1:{bare_port}"
                         wait_http(f"{base}/health", 60)
                         paths = {"get": "/bare/jobs?limit=20", "post": "/bare/jobs"}
+                        asyncio.run(warm_up(base, paths))
                         before = cpu_seconds(baseline)
                         samples, took = asyncio.run(
                             offer(base, paths, rate, seconds, clients, seed=r)
