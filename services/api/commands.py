@@ -32,19 +32,25 @@ class Commands:
         config: dict[str, Any],
         actor: str,
         idempotency_key: str | None,
-        estimate: Estimate | None = None,
+        check: Callable[[], Estimate] | None = None,
     ) -> Accepted:
-        """A new job; `estimate` is the preflight's (stored with it)."""
-        return await self._run(
-            self.jobs.submit,
-            job_name,
-            description,
-            config,
-            actor,
-            idempotency_key,
-            estimate.parameter_count if estimate else None,
-            estimate.warnings if estimate else None,
-        )
+        """A new job. `check` (the submit's preflight, blocking) runs first, on the same
+        worker thread: what it raises is raised and nothing is stored; its `Estimate` is
+        stored with the job."""
+
+        def checked_submit() -> Accepted:
+            estimate = check() if check is not None else None
+            return self.jobs.submit(
+                job_name,
+                description,
+                config,
+                actor,
+                idempotency_key,
+                estimate.parameter_count if estimate else None,
+                estimate.warnings if estimate else None,
+            )
+
+        return await self._run(checked_submit)
 
     async def pause(self, job_id: UUID, actor: str) -> Accepted:
         return await self._run(self.jobs.pause, job_id, actor)

@@ -65,26 +65,34 @@ class Projector:
         gives in one transaction (exactly once: the position moves in the same one)."""
         handled = 0
         while True:
-            batch = await asyncio.to_thread(self._pending, "projected")
+            batch, projected = await asyncio.to_thread(self._project_next)
             if not batch:
                 return handled
-            await self._project_page(batch)
+            if projected is None:  # the page failed: one at a time, a failure names its event
+                for notification in batch:
+                    with job_context(notification.originator_id):
+                        await self._project(notification)
+            else:
+                EVENTS_PROJECTED.inc(projected)
+                if projected and log.isEnabledFor(logging.DEBUG):
+                    for notification in batch:
+                        with job_context(notification.originator_id):
+                            log.debug("projected position %d", notification.id)
+                self._projected(batch[-1].id)
             handled += len(batch)
 
-    async def _project_page(self, batch: Sequence[Notification]) -> None:
+    def _project_next(self) -> tuple[Sequence[Notification], int | None]:
+        """The next page past the projected position, applied in one transaction: the page
+        and how many of its events were projected (0: another projector did), or None when
+        applying it raised (nothing of it was applied). Blocking: one thread hop."""
+        batch = self._pending("projected")
+        if not batch:
+            return batch, 0
         try:
-            projected = await asyncio.to_thread(self.projection.process_batch, batch)
-        except Exception:
-            for notification in batch:  # one at a time: a failure names its event
-                with job_context(notification.originator_id):
-                    await self._project(notification)
-            return
-        EVENTS_PROJECTED.inc(projected)
-        if projected and log.isEnabledFor(logging.DEBUG):
-            for notification in batch:
-                with job_context(notification.originator_id):
-                    log.debug("projected position %d", notification.id)
-        self._projected(batch[-1].id)
+            return batch, self.projection.process_batch(batch)
+        except Exception as error:
+            log.debug("projecting positions %d-%d at once: %r", batch[0].id, batch[-1].id, error)
+            return batch, None
 
     async def _project(self, notification: Notification) -> None:
         """One event; its log lines (a failure included) carry its job id. A failure is

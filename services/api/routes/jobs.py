@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated
 from uuid import UUID
 
@@ -76,11 +77,11 @@ async def submit_job(
 ) -> Response:
     """Submit a training job; it is queued for the next free trainer."""
     limit = context.settings.max_dataset_bytes
-    estimate = await asyncio.to_thread(check_submit, body.config, context.jobs, limit)
+    check = partial(check_submit, body.config, context.jobs, limit)
     config = body.config.model_dump(mode="json")
     key = idempotency_key.strip() if idempotency_key else None  # HTTP trims header values
     accepted = await context.commands.submit(
-        body.job_name, body.description, config, actor, key or None, estimate
+        body.job_name, body.description, config, actor, key or None, check
     )
     return command_result(context, accepted, "job queued", 201)
 
