@@ -27,6 +27,7 @@ from bench.common import (
     parser,
     ratio,
     wait_http,
+    with_projection_lag,
     workdir,
 )
 from bench.loadgen import Client, Run, Sample, call, run_clients
@@ -44,10 +45,11 @@ CONFIG: dict[str, Any] = {
 
 def http_side(
     clients: int, total: int, log_dir: Path, submit_batch: int = DEFAULT_SUBMIT_BATCH
-) -> tuple[Run, float | None]:
+) -> tuple[Run, float | None, list[float]]:
     """An api process and its projector on their own schema, hammered by `clients` async
     clients (a 201 waits for the projection: read-your-writes); `submit_batch` 1 turns the
-    api's group commit off (one transaction per submit)."""
+    api's group commit off (one transaction per submit). Returns the run, the api's peak
+    memory and the projector's lag for each submit (store to read table, seconds)."""
     with fresh_schema("bench_cmd") as schema:
         port = free_port()
         env = heimdall_env(schema, log_dir, api_port=str(port), submit_batch=str(submit_batch))
@@ -62,14 +64,16 @@ def http_side(
                 return "submit", (await call(client, "POST", f"{API}/jobs", body)).status
 
             asyncio.run(run_clients(base, clients, send, total=clients))  # warm up
-            run = asyncio.run(run_clients(base, clients, send, total=total))
+            run, lag = asyncio.run(
+                with_projection_lag(schema, run_clients(base, clients, send, total=total))
+            )
         finally:
             peak = api.stop()
             projector.stop()
         bad = [s for s in run.samples if s.status != 201]
         if bad:
             raise RuntimeError(f"{len(bad)} submits failed, e.g. {bad[0]}\n{api.log_tail()}")
-        return run, peak
+        return run, peak, lag
 
 
 def raw_side(threads: int, total: int, log_dir: Path) -> Run:
@@ -114,6 +118,7 @@ def raw_side(threads: int, total: int, log_dir: Path) -> Run:
 def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
     runs: dict[str, list[Run]] = {"http": [], "single": [], "raw": []}
     peaks: list[float] = []
+    lags: list[float] = []
     with workdir() as log_dir:
         for r in range(rounds):
             sides = ("http", "raw", "single") if r % 2 == 0 else ("single", "raw", "http")
@@ -122,8 +127,9 @@ def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
                     runs[side].append(raw_side(clients, total, log_dir))
                 else:
                     batch = 1 if side == "single" else DEFAULT_SUBMIT_BATCH
-                    run, peak = http_side(clients, total, log_dir, submit_batch=batch)
+                    run, peak, lag = http_side(clients, total, log_dir, submit_batch=batch)
                     runs[side].append(run)
+                    lags += lag if side == "http" else []
                     peaks += [peak] if peak is not None else []
                 print(f"{side}: {runs[side][-1].rate:.0f}/s")
     system, bare, single = _side(runs["http"]), _side(runs["raw"]), _side(runs["single"])
@@ -139,6 +145,7 @@ def main(clients: int, total: int, rounds: int, out: Path | None) -> None:
             "ratio_best": ratio(system["best_per_s"], bare["best_per_s"]),
             "ratio_median": ratio(system["median_per_s"], bare["median_per_s"]),
             "single_ratio_best": ratio(single["best_per_s"], bare["best_per_s"]),
+            "projector_lag": latency_summary(lags) | {"events": len(lags)},
             "goal": GOAL,
         },
         out,

@@ -14,10 +14,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -26,6 +26,10 @@ DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 API = "/api/v1/training"
 Result = dict[str, Any]
+T = TypeVar("T")
+LAG_POLL_SECONDS = 0.005
+HEAD_SQL = "SELECT max(notification_id) FROM trainingjobs_events"
+PROJECTED_SQL = "SELECT position FROM projector_positions WHERE name = 'projected'"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -243,3 +247,45 @@ def alternate(rounds: int, run: Callable[[str], Result]) -> dict[str, list[Resul
         for mode in ("bare", "system") if r % 2 == 0 else ("system", "bare"):
             runs[mode].append(run(mode))
     return runs
+
+
+async def watch_projection_lag(schema: str, stop: asyncio.Event) -> list[float]:
+    """Seconds from each store position's appearance to its projection, polled every
+    `LAG_POLL_SECONDS`; positions already stored when the watch starts are not counted."""
+    seen: dict[int, float] = {}
+    lags: list[float] = []
+    conn = await psycopg.AsyncConnection.connect(
+        DATABASE_URL, autocommit=True, options=f"-c search_path={schema}"
+    )
+
+    async def positions() -> tuple[int, int]:
+        head = await (await conn.execute(HEAD_SQL)).fetchone()
+        done = await (await conn.execute(PROJECTED_SQL)).fetchone()
+        return int(head[0] or 0) if head else 0, int(done[0] or 0) if done else 0
+
+    async with conn:
+        newest, projected_upto = await positions()
+        while not stop.is_set():
+            now = time.perf_counter()
+            head, done = await positions()
+            for position in range(newest + 1, head + 1):
+                seen[position] = now
+            newest = max(newest, head)
+            for position in range(projected_upto + 1, done + 1):
+                if position in seen:
+                    lags.append(now - seen.pop(position))
+            projected_upto = max(projected_upto, done)
+            await asyncio.sleep(LAG_POLL_SECONDS)
+    return lags
+
+
+async def with_projection_lag(schema: str, work: Awaitable[T]) -> tuple[T, list[float]]:
+    """`work`'s result, and the projector's lag for each store position that appeared
+    meanwhile (`watch_projection_lag`)."""
+    stop = asyncio.Event()
+    lag = asyncio.create_task(watch_projection_lag(schema, stop))
+    try:
+        result = await work
+    finally:
+        stop.set()
+    return result, await lag

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
 
 from bench.common import (
     API,
@@ -43,6 +42,7 @@ from bench.common import (
     parser,
     ratio,
     wait_http,
+    with_projection_lag,
     workdir,
 )
 from bench.loadgen import Sample
@@ -59,11 +59,8 @@ CONFIG: dict[str, Any] = {
     "accelerator": "cpu",
     "dataset": {"samples": 256, "n_mels": 16, "frames": 16},
 }
-POLL_SECONDS = 0.005
 WARM_UP_REQUESTS = 5
 API_PATHS = {"get": f"{API}/jobs?limit=20", "post": f"{API}/jobs"}
-HEAD_SQL = "SELECT max(notification_id) FROM trainingjobs_events"
-PROJECTED_SQL = "SELECT position FROM projector_positions WHERE name = 'projected'"
 
 
 async def offer(
@@ -117,46 +114,14 @@ async def warm_up(base: str, paths: dict[str, str]) -> None:
                 response.raise_for_status()
 
 
-async def watch_lag(schema: str, stop: asyncio.Event) -> list[float]:
-    """Seconds from each store position's appearance to its projection, polled."""
-    seen: dict[int, float] = {}
-    lags: list[float] = []
-    projected_upto = 0
-    conn = await psycopg.AsyncConnection.connect(
-        DATABASE_URL, autocommit=True, options=f"-c search_path={schema}"
-    )
-    async with conn:
-        while not stop.is_set():
-            now = time.perf_counter()
-            head_row = await (
-                await conn.execute("SELECT max(notification_id) FROM trainingjobs_events")
-            ).fetchone()
-            done_row = await (
-                await conn.execute(
-                    "SELECT position FROM projector_positions WHERE name = 'projected'"
-                )
-            ).fetchone()
-            head = int(head_row[0] or 0) if head_row else 0
-            done = int(done_row[0] or 0) if done_row else 0
-            for position in range(max(seen, default=projected_upto) + 1, head + 1):
-                seen[position] = now
-            for position in range(projected_upto + 1, done + 1):
-                if position in seen:
-                    lags.append(now - seen.pop(position))
-            projected_upto = max(projected_upto, done)
-            await asyncio.sleep(POLL_SECONDS)
-    return lags
-
-
 async def api_round(
     base: str, schema: str, rate: float, seconds: float, clients: int, seed: int
 ) -> tuple[list[Sample], float, list[float]]:
     """One round against the api, with the projector's lag watched meanwhile."""
-    stop = asyncio.Event()
-    lag = asyncio.create_task(watch_lag(schema, stop))
-    samples, took = await offer(base, API_PATHS, rate, seconds, clients, seed)
-    stop.set()
-    return samples, took, await lag
+    (samples, took), lag = await with_projection_lag(
+        schema, offer(base, API_PATHS, rate, seconds, clients, seed)
+    )
+    return samples, took, lag
 
 
 def cpu_seconds(*processes: Process) -> float:

@@ -285,7 +285,21 @@ def _commands(f: Figures) -> str:
         + _latencies(sides)
         + f"\nRatio {_ratios(f)} (best / median); goal ≥ 0.5: {met(f['ratio_best'] >= 0.5)}."
         + single
+        + _burst_lag(f)
         + "\n"
+    )
+
+
+def _burst_lag(f: Figures) -> str:
+    """The projector's lag under the submit burst (figures since it was measured)."""
+    lag = f.get("projector_lag")
+    if not lag or not lag["events"]:
+        return ""
+    return (
+        f" The projector's lag under this burst (store → read table, each submit's event,"
+        f" polled every 5 ms): p50 {num(lag['p50_ms'])} ms, p99 {num(lag['p99_ms'])} ms,"
+        f" max {num(lag['max_ms'])} ms over {lag['events']:,} events, at"
+        f" {num(f['system']['best_per_s'])} events/s (goal: p99 under 100 ms)."
     )
 
 
