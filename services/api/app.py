@@ -34,8 +34,8 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        # Blocking work (reads, commands, checks) goes to asyncio's executor, a cheaper
-        # hop than Starlette's `run_in_threadpool`; as many threads as that one has.
+        # Blocking reads go to asyncio's executor, a cheaper hop than Starlette's
+        # `run_in_threadpool`, with as many threads; commands have threads of their own.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="api-worker")
         )
@@ -48,6 +48,7 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await context.bus.stop()
+            context.commands.close()
 
     app = FastAPI(
         title="Heimdall Training",

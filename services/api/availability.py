@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -36,6 +37,10 @@ class DatabaseWatch:
         self._conn: psycopg.Connection[object] | None = None
         self._probing = threading.Lock()
         self._pools: list[ConnectionPool[Any]] = []
+        # A thread of its own: probes queued behind request work (a burst of submits
+        # waiting on the model-probe child holds every worker thread) would time out and
+        # declare an outage that is not happening.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="database-watch")
 
     def guard(self, *pools: ConnectionPool[Any]) -> None:
         """Make the pools wait for a connection only while the database is not known to be
@@ -80,9 +85,11 @@ class DatabaseWatch:
         self.down = reason
 
     async def run_forever(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             try:
-                await asyncio.wait_for(asyncio.to_thread(self._probe), PROBE_TIMEOUT_SECONDS)
+                probe = loop.run_in_executor(self._thread, self._probe)
+                await asyncio.wait_for(probe, PROBE_TIMEOUT_SECONDS)
             except TimeoutError:
                 self.mark_down(f"no answer within {PROBE_TIMEOUT_SECONDS} s")
             except Exception as error:
@@ -90,10 +97,11 @@ class DatabaseWatch:
             else:
                 if self.down is not None:
                     log.info("PostgreSQL is back")
-                    await asyncio.to_thread(self._renew_pools)
+                    await loop.run_in_executor(self._thread, self._renew_pools)
                 self.down = None
             await wait_event(stop, PROBE_SECONDS)
         self._close()
+        self._thread.shutdown(wait=False)
 
     def _probe(self) -> None:
         if not self._probing.acquire(blocking=False):

@@ -8,7 +8,10 @@ forgotten by a route.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, ParamSpec
 from uuid import UUID
 
@@ -17,6 +20,7 @@ from services.api.preflight import Estimate
 from shared.application import Accepted, TrainingJobs
 
 P = ParamSpec("P")
+COMMAND_THREADS = 40
 
 
 class Commands:
@@ -24,6 +28,13 @@ class Commands:
 
     def __init__(self, jobs: TrainingJobs, freshness: ReadFreshness) -> None:
         self.jobs, self.freshness = jobs, freshness
+        # Threads of their own: a burst of submits whose model checks wait on the probe
+        # child holds them all, and reads (on the loop's executor) go on meanwhile.
+        self._threads = ThreadPoolExecutor(COMMAND_THREADS, thread_name_prefix="api-command")
+
+    def close(self) -> None:
+        """Let the command threads end once idle."""
+        self._threads.shutdown(wait=False)
 
     async def submit(
         self,
@@ -67,8 +78,10 @@ class Commands:
     async def _run(
         self, use_case: Callable[P, Accepted], *args: P.args, **kwargs: P.kwargs
     ) -> Accepted:
-        """The use case (on the thread pool: eventsourcing is synchronous), then the wait
-        for its position in the read tables."""
-        accepted = await asyncio.to_thread(use_case, *args, **kwargs)
+        """The use case (on a command thread: eventsourcing is synchronous; with the
+        caller's context variables, as `asyncio.to_thread`), then the wait for its
+        position in the read tables."""
+        call = partial(contextvars.copy_context().run, use_case, *args, **kwargs)
+        accepted = await asyncio.get_running_loop().run_in_executor(self._threads, call)
         await self.freshness.require(accepted.position, stored=True)
         return accepted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -710,3 +711,40 @@ def test_the_docs_fetch_nothing_from_elsewhere(api: Api) -> None:
         assert "connect-src 'self'" in api.client.get(page).headers["content-security-policy"]
     redoc = api.client.get("/vendor/docs/redoc.standalone.js")
     assert redoc.status_code == 200 and b"cdn.redoc.ly" not in redoc.content
+
+
+def test_reads_answer_while_every_submit_waits_on_its_model_check(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submits of models not probed yet wait for the one probe child, each on a worker
+    thread; 60 of them held every thread that reads also used, and a list waited for
+    them (seconds, in a burst of new configs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.api import probes
+
+    released = threading.Event()
+    entered = threading.Semaphore(0)
+    gave_up: list[int] = []
+    real_probe = probes.PROBES.probe
+
+    def slow_probe(architecture: str, maps: probes.Maps, batch: int) -> probes.ModelProbe:
+        entered.release()
+        if not released.wait(15):
+            gave_up.append(batch)
+        return real_probe(architecture, maps, batch)
+
+    monkeypatch.setattr(probes.PROBES, "probe", slow_probe)
+    submits = 60
+    with ThreadPoolExecutor(submits) as pool:
+        waiting = [pool.submit(api.submit) for _ in range(submits)]
+        try:
+            for _ in range(20):  # at least this many checks hold a thread now
+                assert entered.acquire(timeout=10)
+            for _ in range(3):
+                response = api.client.get(f"{API}/jobs?limit=5")
+                assert response.status_code == 200, response.text
+            assert not gave_up, "the reads answered only once the model checks gave up"
+        finally:
+            released.set()
+        assert len({future.result()["job_id"] for future in waiting}) == submits
