@@ -144,8 +144,10 @@ around each phase of a request and `gc.callbacks`, and what was done:
   transaction, and the api LISTENs: 2.8 ms median.
 - **Thread hops.** anyio's hop (Starlette's `run_in_threadpool`, and FastAPI's for a
   plain `def` route) took 11 % of the api's interpreter time at about 1.4 hops a request;
-  the hot routes and the commands use asyncio's executor now, and a submit's checks and
-  its use case share one hop (three GIL handoffs a submit became two).
+  the hot routes use asyncio's executor now and the commands an executor of their own
+  (so that submits waiting on model checks cannot hold the reads' threads), and a
+  submit's checks and its use case share one hop (three GIL handoffs a submit became
+  two).
 - **The projector's work per event**: two thread hops and a positions query per wake,
   and a transaction per published event. One hop finds and applies a page; the published
   position is written once a page (consumers dedupe by position).
