@@ -48,7 +48,6 @@ def create_app(context: ApiContext, background: Sequence[Background] = ()) -> Fa
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             await context.bus.stop()
-            context.commands.close()
 
     app = FastAPI(
         title="Heimdall Training",

@@ -30,11 +30,9 @@ class Commands:
         self.jobs, self.freshness = jobs, freshness
         # Threads of their own: a burst of submits whose model checks wait on the probe
         # child holds them all, and reads (on the loop's executor) go on meanwhile.
+        # Not shut down with the app's lifespan: an app may be served again (tests do);
+        # idle threads end when the executor is collected.
         self._threads = ThreadPoolExecutor(COMMAND_THREADS, thread_name_prefix="api-command")
-
-    def close(self) -> None:
-        """Let the command threads end once idle."""
-        self._threads.shutdown(wait=False)
 
     async def submit(
         self,
