@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,6 @@ class DatabaseWatch:
         self.url = url
         self.down: str | None = None
         self._conn: psycopg.Connection[object] | None = None
-        self._probing = threading.Lock()
         self._pools: list[ConnectionPool[Any]] = []
         # A thread of its own: probes queued behind request work (a burst of submits
         # waiting on the model-probe child holds every worker thread) would time out and
@@ -104,8 +102,7 @@ class DatabaseWatch:
         self._thread.shutdown(wait=False)
 
     def _probe(self) -> None:
-        if not self._probing.acquire(blocking=False):
-            raise TimeoutError("the previous probe is still waiting")
+        """On the watch's one thread: a probe never runs beside another."""
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2)
@@ -113,8 +110,6 @@ class DatabaseWatch:
         except Exception:
             self._close()
             raise
-        finally:
-            self._probing.release()
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -85,7 +85,7 @@ class Projector:
         """The next page past the projected position, applied in one transaction: the page
         and how many of its events were projected (0: another projector did), or None when
         applying it raised (nothing of it was applied). Blocking: one thread hop."""
-        batch = self._pending("projected")
+        batch = self._select(self.store.positions()["projected"])
         if not batch:
             return batch, 0
         try:
@@ -125,7 +125,7 @@ class Projector:
         consumers dedupe by position)."""
         published = 0
         while True:
-            batch = await asyncio.to_thread(self._pending, "published")
+            batch = await asyncio.to_thread(self._to_publish)
             if not batch:
                 return published
             confirmed = 0
@@ -243,12 +243,9 @@ class Projector:
     def _select(self, after: int) -> Sequence[Notification]:
         return self.app.recorder.select_notifications(after, BATCH, inclusive_of_start=False)
 
-    def _pending(self, stage: str) -> Sequence[Notification]:
-        """The next page of events past the `stage` position ("projected" or "published");
-        a page to publish stops at the projected position. Blocking: one thread hop."""
+    def _to_publish(self) -> Sequence[Notification]:
+        """The next page of projected events past the published position. Blocking."""
         positions = self.store.positions()
-        if stage == "projected":
-            return self._select(positions["projected"])
         if positions["published"] >= positions["projected"]:
             return ()
         page = self._select(positions["published"])
